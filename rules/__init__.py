@@ -1,0 +1,1 @@
+"""Arbiter's orchestration core: contexts, rules, policies. Pure: no broker, no SQL."""

@@ -1,0 +1,193 @@
+"""The orchestration context: one transition, threaded through every rule.
+
+Rules receive *safe copies* (``entry_context``/``exit_context``): assigning a
+state's top-level fields on a copy does not touch the real context, while the
+nested ``state_details`` object and the run are shared on purpose, exactly as
+in Prefect, because several rules rely on writing through them.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Literal, Self, TypeVar
+
+from rules.errors import StoreError
+from rules.results import (
+    OrchestrationResult,
+    SetStateStatus,
+    StateAbortDetails,
+    StateAcceptDetails,
+    StateRejectDetails,
+    StateWaitDetails,
+)
+from rules.store import Store
+from schemas.messages import RuleEffect, RuleTraceEntry
+from schemas.runs import FlowRun, FlowRunPolicy, RunKind, TaskRun, TaskRunPolicy
+from schemas.states import State, StateType, utcnow
+
+if TYPE_CHECKING:
+    from rules.engine import Orchestrator
+
+Clock = Callable[[], dt.datetime]
+ResponseDetails = StateAcceptDetails | StateRejectDetails | StateAbortDetails | StateWaitDetails
+ParameterValue = object
+RunT = TypeVar("RunT", FlowRun, TaskRun)
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """Server settings that rules consult (Prefect's defaults)."""
+
+    max_cache_key_length: int = 2000
+    tag_concurrency_slot_wait_s: int = 10
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message a rule wants published once the transaction has committed.
+
+    ``channel`` is ``"event"`` (state-change events) or ``"task_run"``
+    (deferred task runs to enqueue); the worker maps each to an exchange.
+    """
+
+    channel: Literal["event", "task_run"]
+    routing_key: str
+    body: dict[str, object]
+
+
+@dataclass
+class OrchestrationContext(Generic[RunT]):
+    """A state transition governed by rules (Prefect's OrchestrationContext)."""
+
+    store: Store
+    run: RunT
+    initial_state: State | None
+    proposed_state: State | None
+    validated_state: State | None = None
+    rule_signature: list[str] = field(default_factory=list)
+    finalization_signature: list[str] = field(default_factory=list)
+    response_status: SetStateStatus = SetStateStatus.ACCEPT
+    response_details: ResponseDetails = field(default_factory=StateAcceptDetails)
+    orchestration_error: Exception | None = None
+    parameters: dict[str, ParameterValue] = field(default_factory=dict)
+    clock: Clock = utcnow
+    settings: RuleSettings = field(default_factory=RuleSettings)
+    client_version: str | None = None
+    rule_trace: list[RuleTraceEntry] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    # The engine that built this context, for rules that orchestrate another run
+    # in the same transaction (a subflow's parent task).
+    orchestrator: Orchestrator | None = None
+
+    run_kind: RunKind = "flow_run"
+
+    @property
+    def initial_state_type(self) -> StateType | None:
+        return self.initial_state.type if self.initial_state else None
+
+    @property
+    def proposed_state_type(self) -> StateType | None:
+        return self.proposed_state.type if self.proposed_state else None
+
+    @property
+    def validated_state_type(self) -> StateType | None:
+        return self.validated_state.type if self.validated_state else None
+
+    def now(self) -> dt.datetime:
+        return self.clock()
+
+    def safe_copy(self) -> Self:
+        """A shallow copy whose states are shallow copies: rules can't reassign the real ones."""
+        clone = copy.copy(self)
+        clone.initial_state = self.initial_state.model_copy() if self.initial_state else None
+        clone.proposed_state = self.proposed_state.model_copy() if self.proposed_state else None
+        clone.validated_state = self.validated_state.model_copy() if self.validated_state else None
+        clone.parameters = dict(self.parameters)
+        return clone
+
+    def entry_context(self) -> tuple[State | None, State | None, Self]:
+        """The arguments of ``before_transition``: (initial, proposed, context) copies."""
+        safe = self.safe_copy()
+        return safe.initial_state, safe.proposed_state, safe
+
+    def exit_context(self) -> tuple[State | None, State | None, Self]:
+        """The arguments of ``after_transition``/``cleanup``: (initial, validated, context)."""
+        safe = self.safe_copy()
+        return safe.initial_state, safe.validated_state, safe
+
+    def trace(self, rule: str, effect: RuleEffect, reason: str | None = None) -> None:
+        self.rule_trace.append(RuleTraceEntry(rule=rule, effect=effect, reason=reason))
+
+    async def validate_proposed_state(self) -> None:
+        """Write the proposed state (or keep the current one) and set ``validated_state``.
+
+        A store error marked retryable propagates so the whole transaction is retried;
+        any other failure aborts the transition and lets the rules clean up.
+        """
+        if self.proposed_state is None:
+            self.validated_state = self.run.state
+            return
+        try:
+            await self.store.insert_state(self.run_kind, self.run, self.proposed_state)
+        except StoreError as exc:
+            self.proposed_state = None
+            if exc.retryable:
+                raise
+            self._abort_on_validation_error(exc)
+            return
+        except Exception as exc:
+            self.proposed_state = None
+            self._abort_on_validation_error(exc)
+            return
+        self.run.state = self.proposed_state
+        self.validated_state = self.proposed_state
+
+    def _abort_on_validation_error(self, exc: BaseException) -> None:
+        self.response_status = SetStateStatus.ABORT
+        self.response_details = StateAbortDetails(reason=f"Error validating state: {exc!r}")
+        self.validated_state = self.run.state
+
+    def result(self) -> OrchestrationResult:
+        return OrchestrationResult(
+            state=self.validated_state, status=self.response_status, details=self.response_details
+        )
+
+
+@dataclass
+class FlowOrchestrationContext(OrchestrationContext[FlowRun]):
+    """A flow run's transition."""
+
+    run_kind: RunKind = "flow_run"
+
+    @property
+    def run_settings(self) -> FlowRunPolicy:
+        return self.run.empirical_policy
+
+    async def flow_run(self) -> FlowRun | None:
+        return self.run
+
+    async def task_run(self) -> TaskRun | None:
+        return None
+
+
+@dataclass
+class TaskOrchestrationContext(OrchestrationContext[TaskRun]):
+    """A task run's transition."""
+
+    run_kind: RunKind = "task_run"
+
+    @property
+    def run_settings(self) -> TaskRunPolicy:
+        return self.run.empirical_policy
+
+    async def flow_run(self) -> FlowRun | None:
+        """The enclosing flow run, read without a lock; None for autonomous tasks."""
+        if self.run.flow_run_id is None:
+            return None
+        return await self.store.read_flow_run(self.run.flow_run_id)
+
+    async def task_run(self) -> TaskRun | None:
+        return self.run

@@ -1,0 +1,1 @@
+"""Prefect's core policy rules, one module per rule family."""

@@ -1,0 +1,103 @@
+"""An in-memory Store: the same contract as PostgreSQL, for unit tests and experiments.
+
+It has no transactions: a caller that wants rollback semantics uses the real
+store. Runs are kept as the very objects rules mutate, so there is nothing to
+flush.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+
+from rules.store import TagLimit
+from schemas.runs import FlowRun, RunKind, TaskRun
+from schemas.states import State, StateType
+
+
+@dataclass
+class _CacheEntry:
+    cache_key: str
+    expiration: dt.datetime | None
+    state_id: uuid.UUID
+    seq: int
+
+
+@dataclass
+class InMemoryStore:
+    """Flow runs, task runs, state history, the task cache and tag limits, in dicts."""
+
+    flow_runs: dict[uuid.UUID, FlowRun] = field(default_factory=dict)
+    task_runs: dict[uuid.UUID, TaskRun] = field(default_factory=dict)
+    states: dict[uuid.UUID, State] = field(default_factory=dict)
+    history: dict[uuid.UUID, list[State]] = field(default_factory=dict)
+    cache: list[_CacheEntry] = field(default_factory=list)
+    tag_limits: dict[str, TagLimit] = field(default_factory=dict)
+
+    def add_flow_run(self, run: FlowRun) -> FlowRun:
+        self.flow_runs[run.id] = run
+        return run
+
+    def add_task_run(self, run: TaskRun) -> TaskRun:
+        self.task_runs[run.id] = run
+        return run
+
+    async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
+        return self.flow_runs.get(run_id)
+
+    async def read_task_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        return self.task_runs.get(run_id)
+
+    async def lock_task_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        return self.task_runs.get(run_id)
+
+    async def insert_state(self, kind: RunKind, run: FlowRun | TaskRun, state: State) -> None:
+        stored = state.model_copy(deep=True)
+        self.states[state.id] = stored
+        self.history.setdefault(run.id, []).append(stored)
+
+    async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
+        if isinstance(run, FlowRun):
+            self.flow_runs[run.id] = run
+        else:
+            self.task_runs[run.id] = run
+
+    async def flow_state_timestamp_taken(self, run_id: uuid.UUID, timestamp: dt.datetime) -> bool:
+        return any(s.timestamp == timestamp for s in self.history.get(run_id, []))
+
+    async def find_cached_state(self, cache_key: str, now: dt.datetime) -> State | None:
+        live = [
+            entry
+            for entry in self.cache
+            if entry.cache_key == cache_key and (entry.expiration is None or entry.expiration > now)
+        ]
+        for entry in sorted(live, key=lambda e: e.seq, reverse=True):
+            state = self.states.get(entry.state_id)
+            if state is not None and state.type is StateType.COMPLETED:
+                return state.model_copy(deep=True)
+        return None
+
+    async def insert_cache_entry(
+        self, cache_key: str, expiration: dt.datetime | None, state_id: uuid.UUID
+    ) -> None:
+        self.cache.append(_CacheEntry(cache_key, expiration, state_id, seq=len(self.cache)))
+
+    async def lock_tag_limits(self, tags: list[str]) -> list[TagLimit]:
+        return [
+            TagLimit(tag=limit.tag, limit=limit.limit, active_slots=list(limit.active_slots))
+            for tag in sorted(set(tags))
+            if (limit := self.tag_limits.get(tag)) is not None
+        ]
+
+    async def save_tag_limit(self, limit: TagLimit) -> None:
+        if limit.tag in self.tag_limits:
+            self.tag_limits[limit.tag].active_slots = list(limit.active_slots)
+
+    def set_tag_limit(self, tag: str, limit: int) -> TagLimit:
+        """Create or update a limit, keeping its active slots (an upsert)."""
+        existing = self.tag_limits.get(tag)
+        if existing is None:
+            existing = self.tag_limits[tag] = TagLimit(tag=tag, limit=limit)
+        existing.limit = limit
+        return existing

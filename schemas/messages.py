@@ -1,0 +1,141 @@
+"""Wire messages: the proposal an executor publishes and the outcome a worker returns.
+
+PROTOCOL.md §2-§3 is the contract; the JSON Schema files in ``schemas/jsonschema``
+are generated from these models (``python -m schemas.export``) and a test fails
+when the two drift apart.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+from schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
+from schemas.states import State, StateDetails, StateType
+
+SCHEMA_VERSION = 1
+
+
+class ProposedState(BaseModel):
+    """The state an executor asks for; name and timestamp default on the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: StateType
+    name: str | None = None
+    timestamp: dt.datetime | None = None
+    message: str | None = None
+    state_details: StateDetails = Field(default_factory=StateDetails)
+    data: JsonValue = None
+
+    def to_state(self, now: dt.datetime) -> State:
+        """The engine's State: the worker's clock fills a missing timestamp."""
+        timestamp = self.timestamp or now
+        if timestamp.tzinfo is None:
+            timestamp = timestamp.replace(tzinfo=dt.UTC)
+        return State(
+            type=self.type,
+            name=self.name or "",
+            timestamp=timestamp,
+            message=self.message,
+            state_details=self.state_details.model_copy(deep=True),
+            data=self.data,
+        )
+
+
+class Proposal(BaseModel):
+    """A request to move one run into a new state (PROTOCOL §2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1]
+    proposal_id: uuid.UUID
+    run_kind: RunKind
+    run_id: uuid.UUID
+    state: ProposedState
+    force: bool = False
+    run: FlowRunSpec | TaskRunSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_matches_kind(cls, data: object) -> object:
+        # Decode `run` by `run_kind` rather than by shape, so a task description is
+        # never silently read as a flow run (both have `name` and `tags`).
+        if isinstance(data, dict) and isinstance(data.get("run"), dict):
+            kind = data.get("run_kind")
+            specs: dict[str, type[BaseModel]] = {"flow_run": FlowRunSpec, "task_run": TaskRunSpec}
+            spec = specs.get(kind if isinstance(kind, str) else "")
+            if spec is not None:
+                data = {**data, "run": spec.model_validate(data["run"])}
+        return data
+
+
+class OutcomeStatus(StrEnum):
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    WAIT = "WAIT"
+    ABORT = "ABORT"
+    INVALID = "INVALID"
+
+
+class ErrorCode(StrEnum):
+    """Why a proposal is INVALID (PROTOCOL §3)."""
+
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA_VIOLATION = "schema_violation"
+    UNSUPPORTED_VERSION = "unsupported_version"
+    UNKNOWN_RUN = "unknown_run"
+    KIND_MISMATCH = "kind_mismatch"
+    TOO_LARGE = "too_large"
+    PROPOSAL_ID_CONFLICT = "proposal_id_conflict"
+
+
+class OutcomeDetails(BaseModel):
+    reason: str | None = None
+    delay_seconds: int | None = None
+
+
+class RuleEffect(StrEnum):
+    REJECT = "reject"
+    WAIT = "wait"
+    ABORT = "abort"
+    RENAME = "rename"
+    MUTATE = "mutate"
+    FIZZLE = "fizzle"
+    CLEANUP = "cleanup"
+
+
+class RuleTraceEntry(BaseModel):
+    """One rule or transform that changed the transition, and how."""
+
+    rule: str
+    effect: RuleEffect
+    reason: str | None = None
+
+
+class OutcomeError(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class Outcome(BaseModel):
+    """The worker's answer to one proposal (PROTOCOL §3)."""
+
+    schema_version: Literal[1] = 1
+    proposal_id: uuid.UUID | None
+    run_kind: RunKind | None
+    run_id: uuid.UUID | None
+    status: OutcomeStatus
+    state: State | None = None
+    details: OutcomeDetails = Field(default_factory=OutcomeDetails)
+    run: RunSummary | None = None
+    rule_trace: list[RuleTraceEntry] = Field(default_factory=list)
+    error: OutcomeError | None = None
+
+    def routing_key(self) -> str:
+        """``outcome.<run_kind>.<status>``, used when the proposal named no reply_to."""
+        return f"outcome.{self.run_kind or 'unknown'}.{self.status.value.lower()}"

@@ -1,0 +1,101 @@
+"""States: the vocabulary every rule, message and table shares.
+
+Mirrors Prefect's server-side ``State``/``StateDetails`` so executors that speak
+Prefect see the same fields, names and defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import uuid
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+
+class StateType(StrEnum):
+    """The nine state types; the value equals the name, as in Prefect."""
+
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+
+TERMINAL_STATES: frozenset[StateType] = frozenset(
+    {StateType.COMPLETED, StateType.CANCELLED, StateType.FAILED, StateType.CRASHED}
+)
+
+
+def default_name(state_type: StateType) -> str:
+    """Prefect's default state name: the type in title case ("Running")."""
+    return state_type.value.capitalize()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class StateDetails(BaseModel):
+    """Prefect's StateDetails; unknown keys are refused so typos surface."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flow_run_id: uuid.UUID | None = None
+    task_run_id: uuid.UUID | None = None
+    child_flow_run_id: uuid.UUID | None = None
+    scheduled_time: dt.datetime | None = None
+    cache_key: str | None = None
+    cache_expiration: dt.datetime | None = None
+    deferred: bool | None = False
+    untrackable_result: bool = False
+    pause_timeout: dt.datetime | None = None
+    pause_reschedule: bool = False
+    pause_key: str | None = None
+    run_input_keyset: dict[str, str] | None = None
+    refresh_cache: bool | None = None
+    retriable: bool | None = None
+    transition_id: uuid.UUID | None = None
+    task_parameters_id: uuid.UUID | None = None
+    traceparent: str | None = None
+    deployment_concurrency_lease_id: uuid.UUID | None = None
+
+
+class State(BaseModel):
+    """A state as the engine handles it: always with an id, a name and a timestamp."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    type: StateType
+    name: str = ""
+    timestamp: dt.datetime = Field(default_factory=utcnow)
+    message: str | None = None
+    state_details: StateDetails = Field(default_factory=StateDetails)
+    data: JsonValue = None
+
+    def model_post_init(self, context: object, /) -> None:
+        if not self.name:
+            self.name = default_name(self.type)
+        # Prefect gives every SCHEDULED state a scheduled time; rules rely on it.
+        if self.type is StateType.SCHEDULED and self.state_details.scheduled_time is None:
+            self.state_details.scheduled_time = self.timestamp
+
+    def is_final(self) -> bool:
+        return self.type in TERMINAL_STATES
+
+    def fresh_copy(self, now: dt.datetime) -> State:
+        """A deep copy with a new id, stamped ``now``: how a cached or mirrored state is reused."""
+        clone = self.model_copy(deep=True)
+        clone.id = uuid.uuid4()
+        clone.timestamp = now
+        return clone
+
+    def deep_copy(self) -> State:
+        return copy.deepcopy(self)
