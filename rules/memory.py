@@ -94,10 +94,24 @@ class InMemoryStore:
         if limit.tag in self.tag_limits:
             self.tag_limits[limit.tag].active_slots = list(limit.active_slots)
 
-    def set_tag_limit(self, tag: str, limit: int) -> TagLimit:
-        """Create or update a limit, keeping its active slots (an upsert)."""
+    async def create_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
+        await self.save_run(kind, run)
+
+    async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
+        return [s.model_copy(deep=True) for s in self.history.get(run_id, [])]
+
+    async def upsert_tag_limit(self, tag: str, limit: int) -> None:
         existing = self.tag_limits.get(tag)
         if existing is None:
-            existing = self.tag_limits[tag] = TagLimit(tag=tag, limit=limit)
-        existing.limit = limit
-        return existing
+            self.tag_limits[tag] = TagLimit(tag=tag, limit=limit)
+        else:
+            existing.limit = limit
+
+    async def delete_tag_limit(self, tag: str) -> bool:
+        return self.tag_limits.pop(tag, None) is not None
+
+    async def list_tag_limits(self) -> list[TagLimit]:
+        return [
+            TagLimit(tag=t.tag, limit=t.limit, active_slots=list(t.active_slots))
+            for t in sorted(self.tag_limits.values(), key=lambda t: t.tag)
+        ]

@@ -70,3 +70,27 @@ class Store(Protocol):
     async def save_tag_limit(self, limit: TagLimit) -> None:
         """Write back the active slots of a limit read by ``lock_tag_limits``."""
         ...
+
+
+class AdminStore(Store, Protocol):
+    """What the worker, the CLI and tests need beyond orchestration itself."""
+
+    async def create_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
+        """Insert a new run without a state (its first proposal orchestrates from None)."""
+        ...
+
+    async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
+        """Every state of the run, oldest first."""
+        ...
+
+    async def upsert_tag_limit(self, tag: str, limit: int) -> None:
+        """Create a limit or change its size, keeping the slots already held."""
+        ...
+
+    async def delete_tag_limit(self, tag: str) -> bool:
+        """Remove a limit; False when there was none."""
+        ...
+
+    async def list_tag_limits(self) -> list[TagLimit]:
+        """Every limit, by tag."""
+        ...
