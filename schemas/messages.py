@@ -12,7 +12,15 @@ import uuid
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
 from schemas.states import State, StateDetails, StateType
@@ -60,18 +68,19 @@ class Proposal(BaseModel):
     force: bool = False
     run: FlowRunSpec | TaskRunSpec | None = None
 
-    @model_validator(mode="before")
+    @field_validator("run", mode="wrap")
     @classmethod
-    def _run_matches_kind(cls, data: object) -> object:
+    def _run_matches_kind(
+        cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> FlowRunSpec | TaskRunSpec | None:
         # Decode `run` by `run_kind` rather than by shape, so a task description is
         # never silently read as a flow run (both have `name` and `tags`).
-        if isinstance(data, dict) and isinstance(data.get("run"), dict):
-            kind = data.get("run_kind")
-            specs: dict[str, type[BaseModel]] = {"flow_run": FlowRunSpec, "task_run": TaskRunSpec}
-            spec = specs.get(kind if isinstance(kind, str) else "")
-            if spec is not None:
-                data = {**data, "run": spec.model_validate(data["run"])}
-        return data
+        kind = info.data.get("run_kind")
+        if isinstance(value, dict) and kind in ("flow_run", "task_run"):
+            spec = FlowRunSpec if kind == "flow_run" else TaskRunSpec
+            return spec.model_validate(value)
+        result: FlowRunSpec | TaskRunSpec | None = handler(value)
+        return result
 
 
 class OutcomeStatus(StrEnum):

@@ -1,0 +1,121 @@
+"""Decoding a delivery: every refusal has its code, and a valid body decodes losslessly."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from schemas import ErrorCode, FlowRunSpec, StateType, TaskRunSpec
+from worker.decode import Decoded, Invalid, body_digest, decode_proposal
+
+MAX = 4096
+
+
+def body(**overrides: object) -> dict[str, object]:
+    document: dict[str, object] = {
+        "schema_version": 1,
+        "proposal_id": str(uuid.uuid4()),
+        "run_kind": "task_run",
+        "run_id": str(uuid.uuid4()),
+        "state": {"type": "RUNNING"},
+    }
+    document.update(overrides)
+    return document
+
+
+def decode(document: object, *, content_type: str = "application/json", message_id: str | None = None) -> Decoded | Invalid:
+    raw = document if isinstance(document, bytes) else json.dumps(document).encode()
+    return decode_proposal(raw, content_type=content_type, message_id=message_id, max_bytes=MAX)
+
+
+def test_a_valid_proposal_decodes() -> None:
+    """A minimal body decodes into a Proposal with its digest."""
+    document = body()
+    decoded = decode(document)
+    assert isinstance(decoded, Decoded)
+    assert decoded.proposal.state.type is StateType.RUNNING
+    assert decoded.body_sha256 == body_digest(document)
+
+
+def test_the_run_description_is_read_by_run_kind() -> None:
+    """`run` is decoded as the spec of `run_kind`, not by its shape."""
+    flow = decode(body(run_kind="flow_run", run={"name": "x", "tags": ["a"]}))
+    task = decode(body(run_kind="task_run", run={"name": "x", "tags": ["a"]}))
+    assert isinstance(flow, Decoded) and isinstance(flow.proposal.run, FlowRunSpec)
+    assert isinstance(task, Decoded) and isinstance(task.proposal.run, TaskRunSpec)
+
+
+def test_a_task_field_in_a_flow_run_description_is_a_schema_violation() -> None:
+    """Unknown fields are refused, so a task description cannot pass as a flow run."""
+    decoded = decode(body(run_kind="flow_run", run={"task_key": "k"}))
+    assert isinstance(decoded, Invalid) and decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert "run.task_key" in decoded.message
+
+
+def test_digest_ignores_key_order_and_whitespace() -> None:
+    """Re-serialising the same document does not make it a different proposal."""
+    document = body()
+    reordered = json.loads(json.dumps(dict(reversed(list(document.items())))))
+    assert body_digest(document) == body_digest(reordered)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        pytest.param(b"{nope", ErrorCode.MALFORMED_JSON, id="malformed-json"),
+        pytest.param(b"\xff\xfe", ErrorCode.MALFORMED_JSON, id="not-utf8"),
+        pytest.param(b"[1, 2]", ErrorCode.SCHEMA_VIOLATION, id="not-an-object"),
+        pytest.param(b"x" * (MAX + 1), ErrorCode.TOO_LARGE, id="too-large"),
+    ],
+)
+def test_raw_bodies_that_are_refused(raw: bytes, code: ErrorCode) -> None:
+    """Bodies that cannot be a proposal are refused with their code."""
+    decoded = decode(raw)
+    assert isinstance(decoded, Invalid) and decoded.code is code
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        pytest.param({"schema_version": 2}, ErrorCode.UNSUPPORTED_VERSION, id="version-2"),
+        pytest.param({"schema_version": "1"}, ErrorCode.SCHEMA_VIOLATION, id="version-string"),
+        pytest.param({"run_kind": "deployment"}, ErrorCode.SCHEMA_VIOLATION, id="bad-kind"),
+        pytest.param({"state": {"type": "SLEEPING"}}, ErrorCode.SCHEMA_VIOLATION, id="bad-type"),
+        pytest.param({"proposal_id": "nope"}, ErrorCode.SCHEMA_VIOLATION, id="bad-uuid"),
+        pytest.param({"extra": 1}, ErrorCode.SCHEMA_VIOLATION, id="unknown-field"),
+        pytest.param(
+            {"state": {"type": "RUNNING", "state_details": {"typo": 1}}},
+            ErrorCode.SCHEMA_VIOLATION,
+            id="unknown-detail",
+        ),
+    ],
+)
+def test_documents_that_are_refused(overrides: dict[str, object], code: ErrorCode) -> None:
+    """Well-formed JSON that breaks the schema is refused with its code."""
+    decoded = decode(body(**overrides))
+    assert isinstance(decoded, Invalid) and decoded.code is code
+
+
+def test_refusals_keep_what_identity_they_can() -> None:
+    """An unsupported version still reports the proposal id, kind and run id."""
+    document = body(schema_version=9)
+    decoded = decode(document)
+    assert isinstance(decoded, Invalid)
+    assert str(decoded.proposal_id) == document["proposal_id"]
+    assert decoded.run_kind == "task_run"
+    assert str(decoded.run_id) == document["run_id"]
+
+
+def test_wrong_content_type_is_refused() -> None:
+    """Only application/json bodies are read."""
+    decoded = decode(body(), content_type="text/plain")
+    assert isinstance(decoded, Invalid) and decoded.code is ErrorCode.SCHEMA_VIOLATION
+
+
+def test_message_id_must_equal_the_proposal_id() -> None:
+    """A message_id that disagrees with the body is refused; an equal one is fine."""
+    document = body()
+    assert isinstance(decode(document, message_id=str(uuid.uuid4())), Invalid)
+    assert isinstance(decode(document, message_id=str(document["proposal_id"])), Decoded)

@@ -1,0 +1,125 @@
+"""Turning a delivery's bytes into a Proposal, or into the reason it is INVALID.
+
+Every check that needs no database lives here, so bad input is refused before a
+transaction is opened: size, content type, JSON, schema version, schema, and the
+agreement of the ``message_id`` property with the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from schemas import ErrorCode, Proposal, RunKind
+from schemas.messages import SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """Why a delivery cannot be processed, with whatever identity could be read from it."""
+
+    code: ErrorCode
+    message: str
+    proposal_id: uuid.UUID | None = None
+    run_kind: RunKind | None = None
+    run_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Decoded:
+    proposal: Proposal
+    body_sha256: str
+
+
+def body_digest(document: object) -> str:
+    """A digest of the parsed body, insensitive to key order and whitespace."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _uuid_or_none(value: object) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _kind_or_none(value: object) -> RunKind | None:
+    if value == "flow_run":
+        return "flow_run"
+    if value == "task_run":
+        return "task_run"
+    return None
+
+
+def _summarise(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors()[:5]:
+        location = ".".join(str(p) for p in item["loc"]) or "(body)"
+        parts.append(f"{location}: {item['msg']}")
+    more = error.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def decode_proposal(
+    body: bytes,
+    *,
+    content_type: str | None,
+    message_id: str | None,
+    max_bytes: int,
+) -> Decoded | Invalid:
+    """Decode and validate one proposal; never raises on bad input."""
+    fallback_id = _uuid_or_none(message_id)
+    if len(body) > max_bytes:
+        return Invalid(
+            ErrorCode.TOO_LARGE,
+            f"body is {len(body)} bytes; the limit is {max_bytes} (ARBITER_MAX_MESSAGE_BYTES)",
+            proposal_id=fallback_id,
+        )
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        return Invalid(
+            ErrorCode.SCHEMA_VIOLATION,
+            f"content_type must be application/json, got {content_type!r}",
+            proposal_id=fallback_id,
+        )
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Invalid(ErrorCode.MALFORMED_JSON, f"body is not UTF-8 JSON: {exc}", fallback_id)
+    if not isinstance(document, dict):
+        return Invalid(ErrorCode.SCHEMA_VIOLATION, "body must be a JSON object", fallback_id)
+
+    identity = {
+        "proposal_id": _uuid_or_none(document.get("proposal_id")) or fallback_id,
+        "run_kind": _kind_or_none(document.get("run_kind")),
+        "run_id": _uuid_or_none(document.get("run_id")),
+    }
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        if isinstance(version, int) and not isinstance(version, bool):
+            return Invalid(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"schema_version {version} is not supported; this worker speaks {SCHEMA_VERSION}",
+                **identity,  # type: ignore[arg-type]
+            )
+        return Invalid(
+            ErrorCode.SCHEMA_VIOLATION,
+            f"schema_version must be the integer {SCHEMA_VERSION}",
+            **identity,  # type: ignore[arg-type]
+        )
+    try:
+        proposal = Proposal.model_validate(document)
+    except ValidationError as exc:
+        return Invalid(ErrorCode.SCHEMA_VIOLATION, _summarise(exc), **identity)  # type: ignore[arg-type]
+    if message_id is not None and fallback_id != proposal.proposal_id:
+        return Invalid(
+            ErrorCode.SCHEMA_VIOLATION,
+            f"message_id {message_id!r} differs from the body's proposal_id "
+            f"{proposal.proposal_id}",
+            **identity,  # type: ignore[arg-type]
+        )
+    return Decoded(proposal=proposal, body_sha256=body_digest(document))

@@ -1,0 +1,62 @@
+"""Building outcomes from orchestration results, and INVALID outcomes from bad input."""
+
+from __future__ import annotations
+
+from rules.context import OrchestrationContext
+from rules.results import StateWaitDetails
+from schemas import (
+    Outcome,
+    OutcomeDetails,
+    OutcomeError,
+    OutcomeStatus,
+    Proposal,
+    RuleTraceEntry,
+)
+from schemas.runs import FlowRun, TaskRun
+from worker.decode import Invalid
+
+
+def outcome_from_context(
+    proposal: Proposal,
+    context: OrchestrationContext,  # type: ignore[type-arg]
+) -> Outcome:
+    """The outcome of an orchestrated proposal: status, state, reason and rule trace."""
+    details = context.response_details
+    return Outcome(
+        proposal_id=proposal.proposal_id,
+        run_kind=proposal.run_kind,
+        run_id=proposal.run_id,
+        status=OutcomeStatus(context.response_status.value),
+        state=context.validated_state,
+        details=OutcomeDetails(
+            reason=getattr(details, "reason", None),
+            delay_seconds=details.delay_seconds if isinstance(details, StateWaitDetails) else None,
+        ),
+        run=context.run.summary(),
+        rule_trace=list(context.rule_trace),
+    )
+
+
+def abort_outcome(proposal: Proposal, run: FlowRun | TaskRun | None, reason: str) -> Outcome:
+    """An ABORT for a proposal whose orchestration failed permanently (nothing was written)."""
+    return Outcome(
+        proposal_id=proposal.proposal_id,
+        run_kind=proposal.run_kind,
+        run_id=proposal.run_id,
+        status=OutcomeStatus.ABORT,
+        state=run.state if run is not None else None,
+        details=OutcomeDetails(reason=reason),
+        run=run.summary() if run is not None else None,
+        rule_trace=[RuleTraceEntry.model_validate({"rule": "Orchestration", "effect": "abort"})],
+    )
+
+
+def invalid_outcome(invalid: Invalid) -> Outcome:
+    return Outcome(
+        proposal_id=invalid.proposal_id,
+        run_kind=invalid.run_kind,
+        run_id=invalid.run_id,
+        status=OutcomeStatus.INVALID,
+        details=OutcomeDetails(reason=invalid.message),
+        error=OutcomeError(code=invalid.code, message=invalid.message),
+    )

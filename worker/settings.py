@@ -1,0 +1,44 @@
+"""Worker settings, from ``ARBITER_*`` environment variables (and ``.env``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything a worker, the CLI and the client read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="ARBITER_", env_file=".env", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    database_url: str = "postgresql+asyncpg://arbiter:arbiter@localhost:5432/arbiter"
+
+    proposals_exchange: str = "arbiter.proposals"
+    proposals_queue: str = "arbiter.proposals"
+    proposals_routing_key: str = "propose"
+    outcomes_exchange: str = "arbiter.outcomes"
+    dead_exchange: str = "arbiter.dead"
+    dead_queue: str = "arbiter.dead"
+    events_exchange: str = "arbiter.events"
+    task_runs_exchange: str = "arbiter.task-runs"
+
+    delivery_limit: int = Field(default=5, ge=1)
+    prefetch: int = Field(default=32, ge=1)
+    concurrency: int = Field(default=8, ge=1)
+    max_message_bytes: int = Field(default=256 * 1024, ge=1024)
+    db_pool_size: int = Field(default=10, ge=1)
+    retry_attempts: int = Field(default=5, ge=1)
+    retry_max_wait_s: float = Field(default=2.0, gt=0)
+    retention_days: float = Field(default=7.0, gt=0)
+    lock_timeout_s: float = Field(default=10.0, gt=0)
+
+    flow_policy: str | None = None
+    task_policy: str | None = None
+    max_cache_key_length: int = Field(default=2000, ge=1)
+    tag_concurrency_slot_wait_s: int = Field(default=10, ge=0)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    metrics_port: int | None = None

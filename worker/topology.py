@@ -1,0 +1,68 @@
+"""The broker topology of PROTOCOL §1, declared idempotently by workers and clients."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from worker.settings import Settings
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The declared exchanges and queues a worker or client publishes to and consumes from."""
+
+    proposals_exchange: AbstractExchange
+    proposals_queue: AbstractQueue
+    outcomes_exchange: AbstractExchange
+    dead_exchange: AbstractExchange
+    events_exchange: AbstractExchange
+    task_runs_exchange: AbstractExchange
+
+
+def proposals_queue_arguments(settings: Settings) -> dict[str, str | int]:
+    """The quorum queue's arguments; a client declaring them must use the same ones."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": settings.dead_exchange,
+        "x-delivery-limit": settings.delivery_limit,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Declare every exchange and queue with the contract's arguments (safe to repeat)."""
+    proposals_exchange = await channel.declare_exchange(
+        settings.proposals_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    outcomes_exchange = await channel.declare_exchange(
+        settings.outcomes_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead_exchange = await channel.declare_exchange(
+        settings.dead_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    events_exchange = await channel.declare_exchange(
+        settings.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    task_runs_exchange = await channel.declare_exchange(
+        settings.task_runs_exchange, aio_pika.ExchangeType.DIRECT, durable=True
+    )
+    dead_queue = await channel.declare_queue(
+        settings.dead_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_queue.bind(dead_exchange, routing_key="")
+    proposals_queue = await channel.declare_queue(
+        settings.proposals_queue, durable=True, arguments=proposals_queue_arguments(settings)
+    )
+    await proposals_queue.bind(proposals_exchange, routing_key=settings.proposals_routing_key)
+    return Topology(
+        proposals_exchange=proposals_exchange,
+        proposals_queue=proposals_queue,
+        outcomes_exchange=outcomes_exchange,
+        dead_exchange=dead_exchange,
+        events_exchange=events_exchange,
+        task_runs_exchange=task_runs_exchange,
+    )
