@@ -67,7 +67,9 @@ class Executor:
             self.client,
             "flow_run",
             run_id,
-            ProposedState(type=StateType.SCHEDULED, state_details=StateDetails(scheduled_time=soon)),
+            ProposedState(
+                type=StateType.SCHEDULED, state_details=StateDetails(scheduled_time=soon)
+            ),
             run=spec,
         )
         await propose(self.client, "flow_run", run_id, ProposedState(type=StateType.PENDING))
@@ -82,7 +84,11 @@ class Executor:
             final = StateType.COMPLETED if all(results) else StateType.FAILED
             outcome = await propose(self.client, "flow_run", run_id, ProposedState(type=final))
             state = outcome.state
-            if outcome.status is OutcomeStatus.REJECT and state and state.type is StateType.SCHEDULED:
+            if (
+                outcome.status is OutcomeStatus.REJECT
+                and state
+                and state.type is StateType.SCHEDULED
+            ):
                 continue  # AwaitingRetry: run the flow again
             self.final_flows[state.name if state else "none"] += 1
             return
@@ -100,7 +106,9 @@ class Executor:
             empirical_policy=TaskRunPolicy(retries=2, retry_delay=0),
         )
         propose = self.recorder.propose
-        await propose(self.client, "task_run", run_id, ProposedState(type=StateType.PENDING), run=spec)
+        await propose(
+            self.client, "task_run", run_id, ProposedState(type=StateType.PENDING), run=spec
+        )
         attempt = 0
         while True:
             details = StateDetails(cache_key=cache_key)
@@ -119,7 +127,11 @@ class Executor:
             )
             outcome = await propose(self.client, "task_run", run_id, final)
             state = outcome.state
-            if outcome.status is OutcomeStatus.REJECT and state and state.type is StateType.SCHEDULED:
+            if (
+                outcome.status is OutcomeStatus.REJECT
+                and state
+                and state.type is StateType.SCHEDULED
+            ):
                 continue  # AwaitingRetry
             self.final_tasks[state.name if state else "none"] += 1
             return bool(state and state.type is StateType.COMPLETED)
@@ -143,7 +155,9 @@ class Executor:
             await asyncio.sleep(min(outcome.details.delay_seconds or 0, 2) or 0.05)
 
 
-async def drive(settings: Settings, flows: int, tasks_per_flow: int, in_flight: int) -> tuple[Executor, Recorder]:
+async def drive(
+    settings: Settings, flows: int, tasks_per_flow: int, in_flight: int
+) -> tuple[Executor, Recorder]:
     recorder = Recorder()
     async with ArbiterClient.connect(settings=settings) as client:
         executor = Executor(client, recorder, random.Random(7))
@@ -176,7 +190,9 @@ def table(title: str, rows: list[tuple[str, str]]) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--flows", type=int, default=120)
     parser.add_argument("--tasks-per-flow", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
@@ -185,7 +201,9 @@ def main() -> int:
 
     print("== starting RabbitMQ and PostgreSQL", flush=True)
     began = time.perf_counter()
-    with provide_services(amqp_env="ARBITER_AMQP_URL", database_env="ARBITER_DATABASE_URL") as services:
+    with provide_services(
+        amqp_env="ARBITER_AMQP_URL", database_env="ARBITER_DATABASE_URL"
+    ) as services:
         print(f"   ready in {time.perf_counter() - began:.1f} s", flush=True)
         settings = Settings(amqp_url=services.amqp_url, database_url=services.database_url)
         env = settings_env(settings)
@@ -200,7 +218,8 @@ def main() -> int:
             for _ in range(args.workers):
                 pool.start()
             print(
-                f"== driving {args.flows} flow runs with {args.tasks_per_flow} tasks each", flush=True
+                f"== driving {args.flows} flow runs with {args.tasks_per_flow} tasks each",
+                flush=True,
             )
             executor, recorder = asyncio.run(
                 drive(settings, args.flows, args.tasks_per_flow, args.in_flight)
@@ -228,7 +247,10 @@ def main() -> int:
     table("Outcomes", sorted(recorder.statuses.items()))  # type: ignore[arg-type]
     table("Final flow-run states", [(k, str(v)) for k, v in executor.final_flows.most_common()])
     table("Final task-run states", [(k, str(v)) for k, v in executor.final_tasks.most_common()])
-    table("Rule decisions", [(k, str(v)) for k, v in recorder.decisions.most_common()] or [("none", "0")])
+    table(
+        "Rule decisions",
+        [(k, str(v)) for k, v in recorder.decisions.most_common()] or [("none", "0")],
+    )
     ok = all(code == 0 for code in codes) and sum(executor.final_flows.values()) == args.flows
     return 0 if ok else 1
 

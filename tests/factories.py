@@ -152,6 +152,8 @@ async def initialize_orchestration(
     override = opt("run_override")
     if isinstance(override, FlowRun | TaskRun):
         run = override
+        if isinstance(opt("run_tags"), list):
+            run.tags = list(opt("run_tags"))  # type: ignore[call-overload]
     elif run_type == "flow":
         run = flow_run
     else:

@@ -48,6 +48,18 @@ def _uuid_or_none(value: object) -> uuid.UUID | None:
         return None
 
 
+def _explicit_message_id(message_id: str | None) -> bool:
+    """Whether the publisher chose this message_id.
+
+    aiormq stamps a random ``uuid4().hex`` on every confirmed publish that sets none,
+    so a bare 32-hex-digit id that differs from the body is the library's, not the
+    executor's, and must not make an otherwise valid proposal INVALID.
+    """
+    if message_id is None:
+        return False
+    return not (len(message_id) == 32 and all(c in "0123456789abcdef" for c in message_id))
+
+
 def _kind_or_none(value: object) -> RunKind | None:
     if value == "flow_run":
         return "flow_run"
@@ -115,11 +127,10 @@ def decode_proposal(
         proposal = Proposal.model_validate(document)
     except ValidationError as exc:
         return Invalid(ErrorCode.SCHEMA_VIOLATION, _summarise(exc), **identity)  # type: ignore[arg-type]
-    if message_id is not None and fallback_id != proposal.proposal_id:
+    if _explicit_message_id(message_id) and fallback_id != proposal.proposal_id:
         return Invalid(
             ErrorCode.SCHEMA_VIOLATION,
-            f"message_id {message_id!r} differs from the body's proposal_id "
-            f"{proposal.proposal_id}",
+            f"message_id {message_id!r} differs from the body's proposal_id {proposal.proposal_id}",
             **identity,  # type: ignore[arg-type]
         )
     return Decoded(proposal=proposal, body_sha256=body_digest(document))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aiormq.abc import FieldTable
 
 from worker.settings import Settings
 
@@ -22,7 +23,7 @@ class Topology:
     task_runs_exchange: AbstractExchange
 
 
-def proposals_queue_arguments(settings: Settings) -> dict[str, str | int]:
+def proposals_queue_arguments(settings: Settings) -> FieldTable:
     """The quorum queue's arguments; a client declaring them must use the same ones."""
     return {
         "x-queue-type": "quorum",

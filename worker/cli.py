@@ -1,0 +1,178 @@
+"""The ``arbiter`` command line (PROTOCOL §5)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import uuid
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from worker.runtime import ServiceError, open_database
+from worker.settings import Settings
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "ARBITER_" + str(first["loc"][0]).upper() if first["loc"] else "ARBITER_*"
+        raise ServiceError(f"{name} is invalid: {first['msg']}") from None
+
+
+async def _migrate(settings: Settings) -> int:
+    from worker.db.migrate import upgrade_async
+
+    async with open_database(settings):
+        pass
+    await upgrade_async(settings.database_url)
+    print("database schema is up to date")
+    return 0
+
+
+async def _worker(settings: Settings) -> int:
+    from worker.consumer import run_worker
+
+    return await run_worker(settings)
+
+
+async def _runs_show(settings: Settings, run_id: str, as_json: bool) -> int:
+    from worker.db.store import PgStore
+
+    try:
+        parsed = uuid.UUID(run_id)
+    except ValueError:
+        raise ServiceError(f"RUN_ID {run_id!r} is not a UUID") from None
+    async with open_database(settings) as engine, engine.connect() as conn:
+        store = PgStore(conn)
+        kind = await store.run_kind_of(parsed)
+        if kind is None:
+            print(f"arbiter: no flow run or task run {parsed}", file=sys.stderr)
+            return 1
+        run = (
+            await store.read_flow_run(parsed)
+            if kind == "flow_run"
+            else await store.read_task_run(parsed)
+        )
+        history = await store.read_history(kind, parsed)
+    assert run is not None
+    if as_json:
+        document = {
+            "run": {"kind": kind, **run.model_dump(mode="json", exclude={"state"})},
+            "history": [state.model_dump(mode="json") for state in history],
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    summary = run.summary()
+    print(f"{kind} {run.id}  {run.name!r}")
+    print(
+        f"  state {summary.state_type} ({summary.state_name})  run_count {summary.run_count}  "
+        f"total_run_time {summary.total_run_time:.3f}s"
+    )
+    print(f"  start {summary.start_time}  end {summary.end_time}")
+    for state in history:
+        reason = f"  {state.message}" if state.message else ""
+        print(f"  {state.timestamp.isoformat()}  {state.type.value:<10} {state.name}{reason}")
+    return 0
+
+
+async def _limits(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.db.store import PgStore
+
+    async with open_database(settings) as engine, engine.begin() as conn:
+        store = PgStore(conn)
+        if args.limits_command == "set":
+            await store.upsert_tag_limit(args.tag, args.limit)
+            print(f"limit on tag {args.tag!r} set to {args.limit}")
+            return 0
+        if args.limits_command == "rm":
+            if not await store.delete_tag_limit(args.tag):
+                print(f"arbiter: no limit on tag {args.tag!r}", file=sys.stderr)
+                return 1
+            print(f"limit on tag {args.tag!r} removed")
+            return 0
+        limits = await store.list_tag_limits()
+    if args.json:
+        rows = [
+            {"tag": lim.tag, "limit": lim.limit, "active_slots": lim.active_slots} for lim in limits
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'TAG':<30} {'LIMIT':>5} {'ACTIVE':>6}")
+        for lim in limits:
+            print(f"{lim.tag:<30} {lim.limit:>5} {len(lim.active_slots):>6}")
+    return 0
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arbiter", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="create or upgrade the database schema")
+    worker = commands.add_parser("worker", help="run one worker process")
+    worker.add_argument("--concurrency", type=int, help="proposals processed at once")
+    worker.add_argument("--prefetch", type=int, help="deliveries the broker may send ahead")
+    runs = commands.add_parser("runs", help="inspect runs").add_subparsers(
+        dest="runs_command", required=True
+    )
+    show = runs.add_parser("show", help="a run and its state history, oldest first")
+    show.add_argument("run_id")
+    show.add_argument("--json", action="store_true")
+    limits = commands.add_parser("limits", help="tag concurrency limits").add_subparsers(
+        dest="limits_command", required=True
+    )
+    set_ = limits.add_parser("set", help="create or resize a tag limit")
+    set_.add_argument("tag")
+    set_.add_argument("limit", type=_non_negative)
+    ls = limits.add_parser("ls", help="list limits and the runs holding their slots")
+    ls.add_argument("--json", action="store_true")
+    rm = limits.add_parser("rm", help="remove a tag limit")
+    rm.add_argument("tag")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings()
+        if args.command == "worker":
+            overrides = {
+                key: value
+                for key, value in {
+                    "concurrency": args.concurrency,
+                    "prefetch": args.prefetch,
+                }.items()
+                if value is not None
+            }
+            settings = settings.model_copy(update=overrides)
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+        )
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        if args.command == "worker":
+            return asyncio.run(_worker(settings))
+        if args.command == "runs":
+            return asyncio.run(_runs_show(settings, args.run_id, args.json))
+        return asyncio.run(_limits(settings, args))
+    except ServiceError as exc:
+        print(f"arbiter: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""An async executor client: publish a proposal, await its outcome.
+
+Outcomes are matched by proposal id (the outcome's ``message_id``), and
+repeated deliveries of one outcome (at-least-once) are dropped. With
+``follow_waits`` the client sleeps through WAIT outcomes and proposes again
+with a fresh proposal id, as a Prefect client would.
+
+    async with ArbiterClient.connect(amqp_url) as client:
+        outcome = await client.propose("flow_run", run_id, ProposedState(type=StateType.RUNNING))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, DeliveryMode
+
+from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, RunKind, TaskRunSpec
+from worker.settings import Settings
+from worker.topology import Topology, declare_topology
+
+_SEEN_OUTCOMES = 10_000
+
+
+class OutcomeTimeoutError(TimeoutError):
+    """No outcome arrived in time; the proposal may still be processed later."""
+
+
+class ArbiterClient:
+    """One connection, one private reply queue, any number of concurrent proposals."""
+
+    def __init__(self, connection: AbstractConnection, settings: Settings) -> None:
+        self._connection = connection
+        self._settings = settings
+        self._reply_key = f"reply.{uuid.uuid4()}"
+        self._pending: dict[uuid.UUID, asyncio.Future[Outcome]] = {}
+        self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._channel: AbstractChannel | None = None
+        self._topology: Topology | None = None
+        self.duplicates_dropped = 0
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls, amqp_url: str | None = None, settings: Settings | None = None
+    ) -> AsyncIterator[ArbiterClient]:
+        settings = settings or Settings()
+        connection = await aio_pika.connect_robust(amqp_url or settings.amqp_url)
+        client = cls(connection, settings)
+        try:
+            await client._start()
+            yield client
+        finally:
+            await connection.close()
+
+    async def _start(self) -> None:
+        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._topology = await declare_topology(self._channel, self._settings)
+        queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(self._topology.outcomes_exchange, routing_key=self._reply_key)
+        await queue.consume(self._on_outcome, no_ack=True)
+
+    async def _on_outcome(self, message: AbstractIncomingMessage) -> None:
+        outcome = Outcome.model_validate_json(message.body)
+        proposal_id = outcome.proposal_id
+        if proposal_id is None:
+            return
+        if proposal_id in self._seen:
+            self.duplicates_dropped += 1
+            return
+        future = self._pending.pop(proposal_id, None)
+        if future is None:
+            return
+        self._seen[proposal_id] = None
+        if len(self._seen) > _SEEN_OUTCOMES:
+            self._seen.popitem(last=False)
+        if not future.done():
+            future.set_result(outcome)
+
+    async def publish(
+        self,
+        run_kind: RunKind,
+        run_id: uuid.UUID,
+        state: ProposedState,
+        *,
+        run: FlowRunSpec | TaskRunSpec | None = None,
+        force: bool = False,
+        proposal_id: uuid.UUID | None = None,
+    ) -> asyncio.Future[Outcome]:
+        """Publish one proposal (confirmed by the broker); the future resolves with its outcome."""
+        assert self._topology is not None, "use ArbiterClient.connect()"
+        proposal_id = proposal_id or uuid.uuid4()
+        body: dict[str, object] = {
+            "schema_version": 1,
+            "proposal_id": str(proposal_id),
+            "run_kind": run_kind,
+            "run_id": str(run_id),
+            "state": state.model_dump(mode="json", exclude_none=True),
+            "force": force,
+        }
+        if run is not None:
+            body["run"] = run.model_dump(mode="json")
+        future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._pending[proposal_id] = future
+        message = aio_pika.Message(
+            body=json.dumps(body, separators=(",", ":")).encode(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=str(proposal_id),
+            correlation_id=str(proposal_id),
+            reply_to=self._reply_key,
+        )
+        try:
+            await self._topology.proposals_exchange.publish(
+                message, routing_key=self._settings.proposals_routing_key
+            )
+        except BaseException:
+            self._pending.pop(proposal_id, None)
+            raise
+        return future
+
+    async def propose(
+        self,
+        run_kind: RunKind,
+        run_id: uuid.UUID,
+        state: ProposedState,
+        *,
+        run: FlowRunSpec | TaskRunSpec | None = None,
+        force: bool = False,
+        timeout_s: float = 30.0,
+        follow_waits: bool = False,
+        max_wait_s: float = 60.0,
+    ) -> Outcome:
+        """Fire a proposal and await its outcome; optionally sleep through WAITs and retry."""
+        while True:
+            future = await self.publish(run_kind, run_id, state, run=run, force=force)
+            try:
+                outcome = await asyncio.wait_for(future, timeout_s)
+            except TimeoutError:
+                raise OutcomeTimeoutError(
+                    f"no outcome for a {run_kind} {run_id} proposal within {timeout_s} s"
+                ) from None
+            if not follow_waits or outcome.status is not OutcomeStatus.WAIT:
+                return outcome
+            delay_s = outcome.details.delay_seconds or 0
+            await asyncio.sleep(min(max(delay_s, 0), max_wait_s))
+            run = None  # the run exists now

@@ -1,0 +1,272 @@
+"""The consumer: the one module that acks.
+
+For each delivery the order is fixed: decode → (transaction: lock, orchestrate,
+write, record, commit) → publish the outcome and wait for the broker's confirm
+→ ack. A crash anywhere before the ack redelivers the proposal, and the stored
+outcome makes the redelivery a replay. Nothing is acked on cancellation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from rules.context import OutboxMessage
+from rules.engine import Orchestrator
+from schemas import Outcome
+from worker.db.store import PgStore, is_transient
+from worker.decode import Decoded, Invalid, decode_proposal
+from worker.outcomes import invalid_outcome
+from worker.settings import Settings
+from worker.topology import Topology, declare_topology
+from worker.unit_of_work import Processed, purge_cutoff, run_in_transaction
+
+log = logging.getLogger(__name__)
+
+PURGE_INTERVAL_S = 600.0
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker keeps for its logs and its metrics endpoint."""
+
+    processed: int = 0
+    replayed: int = 0
+    invalid: int = 0
+    requeued: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class Consumer:
+    """Consumes proposals with bounded concurrency and settles each one exactly once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: AsyncEngine,
+        orchestrator: Orchestrator,
+        connection: AbstractRobustConnection,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.orchestrator = orchestrator
+        self.connection = connection
+        self.stats = WorkerStats()
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._topology: Topology | None = None
+        self._consumer_tag: str | None = None
+
+    async def start(self) -> None:
+        channel = await self.connection.channel(publisher_confirms=True)
+        await channel.set_qos(prefetch_count=self.settings.prefetch)
+        self._topology = await declare_topology(channel, self.settings)
+        self._consumer_tag = await self._topology.proposals_queue.consume(self._on_delivery)
+        log.info(
+            "consuming %s (prefetch %d, concurrency %d)",
+            self.settings.proposals_queue,
+            self.settings.prefetch,
+            self.settings.concurrency,
+        )
+
+    async def drain(self) -> None:
+        """Stop taking deliveries, then let the in-flight ones finish and settle."""
+        if self._topology is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._topology.proposals_queue.cancel(self._consumer_tag)
+            self._consumer_tag = None
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+
+    async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            async with self._slots:
+                await self.handle(message)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        """Decode, process, publish, settle: the whole life of one delivery."""
+        decoded = decode_proposal(
+            message.body,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            max_bytes=self.settings.max_message_bytes,
+        )
+        if isinstance(decoded, Invalid):
+            await self._refuse(message, decoded)
+            return
+        try:
+            processed = await self._process_with_retries(decoded)
+        except Exception:
+            log.exception("proposal %s: giving up for now, requeued", decoded.proposal.proposal_id)
+            self.stats.requeued += 1
+            await message.nack(requeue=True)
+            return
+        if processed.invalid is not None:
+            await self._refuse(message, processed.invalid)
+            return
+        await self._publish_outcome(message, processed.outcome)
+        await self._publish_outbox(processed.outbox)
+        await message.ack()
+        self._count(processed)
+
+    async def _process_with_retries(self, decoded: Decoded) -> Processed:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retry_attempts),
+            wait=wait_random_exponential(multiplier=0.05, max=self.settings.retry_max_wait_s),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await run_in_transaction(self.engine, self.orchestrator, decoded)
+        except RetryError as exc:  # pragma: no cover - reraise=True re-raises the cause
+            raise exc.last_attempt.exception() or exc from None
+        raise AssertionError("unreachable")
+
+    async def _refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
+        """INVALID: publish the outcome when a route exists, dead-letter a copy, ack."""
+        outcome = invalid_outcome(invalid)
+        if message.reply_to or invalid.run_kind is not None:
+            await self._publish_outcome(message, outcome)
+        assert self._topology is not None
+        dead = aio_pika.Message(
+            body=message.body,
+            content_type=message.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            headers={
+                **(message.headers or {}),
+                "x-arbiter-error-code": invalid.code.value,
+                "x-arbiter-error-message": invalid.message[:1000],
+            },
+        )
+        await self._with_retries(lambda: self._topology_publish_dead(dead))
+        await message.ack()
+        self.stats.invalid += 1
+        log.warning(
+            "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
+        )
+
+    async def _topology_publish_dead(self, dead: aio_pika.Message) -> None:
+        assert self._topology is not None
+        await self._topology.dead_exchange.publish(dead, routing_key="")
+
+    async def _publish_outcome(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        assert self._topology is not None
+        body = outcome.model_dump_json().encode()
+        reply = aio_pika.Message(
+            body=body,
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            correlation_id=message.correlation_id,
+            message_id=str(outcome.proposal_id) if outcome.proposal_id else message.message_id,
+            headers={"x-arbiter-status": outcome.status.value},
+        )
+        routing_key = message.reply_to or outcome.routing_key()
+        exchange = self._topology.outcomes_exchange
+        await self._with_retries(lambda: exchange.publish(reply, routing_key=routing_key))
+
+    async def _publish_outbox(self, outbox: list[OutboxMessage]) -> None:
+        assert self._topology is not None
+        for item in outbox:
+            exchange = (
+                self._topology.events_exchange
+                if item.channel == "event"
+                else self._topology.task_runs_exchange
+            )
+            body = aio_pika.Message(
+                body=json.dumps(item.body, default=str).encode(),
+                content_type="application/json",
+                delivery_mode=DeliveryMode.PERSISTENT,
+            )
+            await self._with_retries(
+                functools.partial(exchange.publish, body, routing_key=item.routing_key)
+            )
+
+    async def _with_retries(self, publish: Callable[[], Awaitable[object]]) -> None:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retry_attempts),
+            wait=wait_random_exponential(multiplier=0.05, max=self.settings.retry_max_wait_s),
+            reraise=True,
+        ):
+            with attempt:
+                await publish()
+
+    def _count(self, processed: Processed) -> None:
+        self.stats.processed += 1
+        if processed.replayed:
+            self.stats.replayed += 1
+        status = processed.outcome.status.value
+        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
+
+    async def purge_forever(self) -> None:
+        """Forget processed proposal ids past the retention window, every few minutes."""
+        while True:
+            try:
+                async with self.engine.begin() as conn:
+                    cutoff = purge_cutoff(self.orchestrator.clock(), self.settings.retention_days)
+                    removed = await PgStore(conn).purge_processed(cutoff)
+                if removed:
+                    log.info("purged %d processed proposal ids older than %s", removed, cutoff)
+            except Exception:
+                log.exception("purging processed proposals failed; will try again")
+            await asyncio.sleep(PURGE_INTERVAL_S)
+
+
+async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
+    """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code."""
+    from worker.runtime import build_runtime
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    async with build_runtime(settings) as runtime:
+        consumer = Consumer(settings, runtime.engine, runtime.orchestrator, runtime.connection)
+        await consumer.start()
+        purger = asyncio.create_task(consumer.purge_forever())
+        await stop.wait()
+        log.info("stopping: draining %d in-flight proposals", len(consumer._in_flight))
+        await consumer.drain()
+        purger.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await purger
+        log.info(
+            "stopped after %d proposals (%d replays, %d invalid, %d requeued)",
+            consumer.stats.processed,
+            consumer.stats.replayed,
+            consumer.stats.invalid,
+            consumer.stats.requeued,
+        )
+    return 0

@@ -1,0 +1,70 @@
+"""A local pool of ``arbiter worker`` processes, for the demo, benchmarks and system tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import TracebackType
+
+from worker.settings import Settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process read exactly these settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump().items():
+        key = f"ARBITER_{name.upper()}"
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
+    return env
+
+
+class WorkerPool:
+    """Starts, kills and gracefully stops worker processes; logs go to ``log_dir``."""
+
+    def __init__(
+        self, settings: Settings, log_dir: Path, *, concurrency: int | None = None
+    ) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.concurrency = concurrency
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "worker.cli", "worker"]
+        if self.concurrency is not None:
+            command += ["--concurrency", str(self.concurrency)]
+        with open(self.log_dir / f"worker-{len(self.procs)}.log", "wb") as log:
+            proc = subprocess.Popen(
+                command, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, timeout_s: float = 30) -> list[int]:
+        """SIGTERM every live worker and collect exit codes (killing stragglers)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=timeout_s))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+        return codes
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
