@@ -1,0 +1,122 @@
+"""The `arbiter` command line of PROTOCOL §5, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from schemas import FlowRunSpec, ProposedState, StateType
+from worker.client import ArbiterClient
+from worker.pool import settings_env
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def arbiter(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        env={**settings_env(settings), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_migrate_is_safe_to_run_twice(settings: Settings) -> None:
+    """A second `arbiter migrate` finds the schema current and succeeds."""
+    assert arbiter(settings, "migrate").returncode == 0
+    second = arbiter(settings, "migrate")
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout
+
+
+def test_limits_set_ls_rm(settings: Settings) -> None:
+    """A limit can be set, listed as JSON with its slots, resized, and removed."""
+    tag = f"tag-{uuid.uuid4().hex[:8]}"
+    assert arbiter(settings, "limits", "set", tag, "3").returncode == 0
+    assert arbiter(settings, "limits", "set", tag, "5").returncode == 0
+    listed = json.loads(arbiter(settings, "limits", "ls", "--json").stdout)
+    assert {"tag": tag, "limit": 5, "active_slots": []} in listed
+    assert tag in arbiter(settings, "limits", "ls").stdout
+    assert arbiter(settings, "limits", "rm", tag).returncode == 0
+    missing = arbiter(settings, "limits", "rm", tag)
+    assert missing.returncode == 1
+    assert tag in missing.stderr
+
+
+def test_a_negative_limit_is_refused_by_the_parser(settings: Settings) -> None:
+    """`limits set TAG -1` is a usage error, not a database error."""
+    result = arbiter(settings, "limits", "set", "x", "-1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+async def test_runs_show_prints_the_history_oldest_first(
+    settings: Settings, client: ArbiterClient
+) -> None:
+    """`runs show --json` prints the run and every state, shaped as in an outcome."""
+    run_id = uuid.uuid4()
+    await client.propose(
+        "flow_run", run_id, ProposedState(type=StateType.PENDING), run=FlowRunSpec(name="shown")
+    )
+    await client.propose("flow_run", run_id, ProposedState(type=StateType.RUNNING))
+    result = arbiter(settings, "runs", "show", str(run_id), "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["run"]["name"] == "shown"
+    assert [s["type"] for s in document["history"]] == ["PENDING", "RUNNING"]
+    assert all("id" in s and "state_details" in s for s in document["history"])
+    human = arbiter(settings, "runs", "show", str(run_id))
+    assert "RUNNING" in human.stdout
+
+
+def test_runs_show_of_an_unknown_run_fails_cleanly(settings: Settings) -> None:
+    """An unknown run id exits 1 with a message; a non-UUID exits 2."""
+    unknown = arbiter(settings, "runs", "show", str(uuid.uuid4()))
+    assert unknown.returncode == 1
+    assert "no flow run or task run" in unknown.stderr
+    garbage = arbiter(settings, "runs", "show", "not-a-uuid")
+    assert garbage.returncode == 2
+    assert "Traceback" not in garbage.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        pytest.param(
+            {"ARBITER_DATABASE_URL": "postgresql://a:b@127.0.0.1:1/x"},
+            "ARBITER_DATABASE_URL",
+            id="unreachable-database",
+        ),
+        pytest.param(
+            {"ARBITER_DATABASE_URL": "mysql://a:b@localhost/x"},
+            "ARBITER_DATABASE_URL",
+            id="wrong-database-scheme",
+        ),
+        pytest.param({"ARBITER_PREFETCH": "lots"}, "ARBITER_PREFETCH", id="invalid-setting"),
+    ],
+)
+def test_a_misconfiguration_is_one_clear_line(
+    settings: Settings, env: dict[str, str], named: str
+) -> None:
+    """A bad setting gives exit 2 and one stderr line naming it, never a traceback."""
+    result = arbiter(settings, "limits", "ls", **env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0]
+    assert "b@" not in lines[0]  # the password is redacted
+
+
+def test_an_unreachable_broker_is_one_clear_line(settings: Settings) -> None:
+    """`arbiter worker` against a closed AMQP port names ARBITER_AMQP_URL and exits 2."""
+    result = arbiter(settings, "worker", ARBITER_AMQP_URL="amqp://u:p@127.0.0.1:1/")
+    assert result.returncode == 2
+    assert "ARBITER_AMQP_URL" in result.stderr
+    assert "Traceback" not in result.stderr

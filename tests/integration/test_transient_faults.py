@@ -1,0 +1,145 @@
+"""Transient database faults: retried, then requeued, then dead-lettered past the delivery limit.
+
+A test connection holds the run's row lock, so every attempt of the worker hits
+its lock timeout, a retryable fault. Nothing is written and nothing is acked
+until the lock is gone; a poison proposal ends in the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
+from tests.fixtures.services import isolated_settings
+from tests.integration.test_invalid_proposals import dead_letters
+from tests.integration.test_worker_roundtrip import (
+    OutcomeTap,
+    history_of,
+    proposal_body,
+    publish_raw,
+)
+from worker.client import ArbiterClient
+from worker.db.engine import create_engine
+from worker.devservices import Services
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(services: Services, database_url: str) -> Settings:
+    return isolated_settings(
+        services,
+        database_url,
+        lock_timeout_s=0.2,
+        retry_attempts=2,
+        retry_max_wait_s=0.05,
+        delivery_limit=2,
+    )
+
+
+async def create_flow_run(settings: Settings) -> uuid.UUID:
+    run_id = uuid.uuid4()
+    async with ArbiterClient.connect(settings=settings) as client:
+        outcome = await client.propose(
+            "flow_run", run_id, ProposedState(type=StateType.SCHEDULED), run=FlowRunSpec()
+        )
+    assert outcome.status is OutcomeStatus.ACCEPT
+    return run_id
+
+
+async def test_a_locked_run_is_retried_then_processed_once_the_lock_is_gone(
+    settings: Settings, worker: asyncio.Event
+) -> None:
+    """A lock held for less than the retry budget only delays the outcome."""
+    run_id = await create_flow_run(settings)
+    engine = create_engine(settings.database_url)
+    try:
+        async with OutcomeTap(settings, "fault.key") as tap, engine.connect() as conn:
+            transaction = await conn.begin()
+            await conn.execute(
+                text("SELECT 1 FROM flow_run WHERE id = :id FOR UPDATE"), {"id": run_id}
+            )
+            body = json.dumps(proposal_body(run_id, StateType.PENDING)).encode()
+            await publish_raw(settings, body, reply_to="fault.key")
+            await asyncio.sleep(0.3)  # at least one attempt timed out on the lock
+            await transaction.rollback()
+            outcome = Outcome.model_validate_json((await tap.next()).body)
+    finally:
+        await engine.dispose()
+    assert outcome.status is OutcomeStatus.ACCEPT
+    assert await history_of(settings, run_id) == ["Scheduled", "Pending"]
+
+
+async def test_a_proposal_that_keeps_failing_is_dead_lettered_past_the_delivery_limit(
+    settings: Settings, worker: asyncio.Event
+) -> None:
+    """Retries exhausted on every delivery: requeued until the limit, then in arbiter.dead."""
+    run_id = await create_flow_run(settings)
+    engine = create_engine(settings.database_url)
+    body = json.dumps(proposal_body(run_id, StateType.PENDING)).encode()
+    try:
+        async with engine.connect() as conn:
+            transaction = await conn.begin()
+            await conn.execute(
+                text("SELECT 1 FROM flow_run WHERE id = :id FOR UPDATE"), {"id": run_id}
+            )
+            await publish_raw(settings, body)
+            [dead] = await dead_letters(settings, 1, timeout_s=30)
+            await transaction.rollback()
+    finally:
+        await engine.dispose()
+    assert dead.body == body
+    deaths = dead.headers["x-death"]
+    assert isinstance(deaths, list)
+    first_death = deaths[0]
+    assert isinstance(first_death, dict)
+    assert first_death["reason"] == "delivery_limit"
+    assert await history_of(settings, run_id) == ["Scheduled"]
+
+
+async def test_the_worker_keeps_serving_other_runs_while_one_is_locked(
+    settings: Settings, worker: asyncio.Event
+) -> None:
+    """A locked run costs only its own proposals: another run is answered meanwhile."""
+    locked = await create_flow_run(settings)
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            transaction = await conn.begin()
+            await conn.execute(
+                text("SELECT 1 FROM flow_run WHERE id = :id FOR UPDATE"), {"id": locked}
+            )
+            await publish_raw(
+                settings, json.dumps(proposal_body(locked, StateType.PENDING)).encode()
+            )
+            other = await create_flow_run(settings)
+            await transaction.rollback()
+    finally:
+        await engine.dispose()
+    assert await history_of(settings, other) == ["Scheduled"]
+
+
+async def test_an_unreachable_database_at_startup_is_one_clear_error(services: Services) -> None:
+    """A worker pointed at a closed port fails fast with the setting's name."""
+    from worker.consumer import run_worker
+    from worker.runtime import ServiceError
+
+    settings = Settings(amqp_url=services.amqp_url, database_url="postgresql://x:y@127.0.0.1:1/db")
+    with pytest.raises(ServiceError, match="ARBITER_DATABASE_URL"):
+        await run_worker(settings)
+
+
+async def test_an_unreachable_broker_at_startup_is_one_clear_error(database_url: str) -> None:
+    """A worker pointed at a closed AMQP port fails fast with the setting's name."""
+    from worker.consumer import run_worker
+    from worker.runtime import ServiceError
+
+    settings = Settings(amqp_url="amqp://guest:guest@127.0.0.1:1/", database_url=database_url)
+    with pytest.raises(ServiceError, match="ARBITER_AMQP_URL"):
+        await run_worker(settings)
