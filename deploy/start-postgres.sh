@@ -194,7 +194,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log/postgres.log" -w -t 60 start 
 
 as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR/sock" -p "$PORT" -U postgres -d postgres \
     -v user="$PG_USER" -v pass="$PG_PASS" -v db="$PG_DB" >/dev/null <<'SQL' || die "creating role/database failed"
-CREATE ROLE :"user" LOGIN PASSWORD :'pass';
+CREATE ROLE :"user" LOGIN CREATEDB PASSWORD :'pass';
 CREATE DATABASE :"db" OWNER :"user";
 SQL
 log "ready after $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
