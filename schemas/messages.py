@@ -23,7 +23,7 @@ from pydantic import (
 )
 
 from schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
-from schemas.states import State, StateDetails, StateType
+from schemas.states import State, StateDetails, StateType, UtcDatetime
 
 SCHEMA_VERSION = 1
 
@@ -35,20 +35,17 @@ class ProposedState(BaseModel):
 
     type: StateType
     name: str | None = None
-    timestamp: dt.datetime | None = None
+    timestamp: UtcDatetime | None = None
     message: str | None = None
     state_details: StateDetails = Field(default_factory=StateDetails)
     data: JsonValue = None
 
     def to_state(self, now: dt.datetime) -> State:
         """The engine's State: the worker's clock fills a missing timestamp."""
-        timestamp = self.timestamp or now
-        if timestamp.tzinfo is None:
-            timestamp = timestamp.replace(tzinfo=dt.UTC)
         return State(
             type=self.type,
             name=self.name or "",
-            timestamp=timestamp,
+            timestamp=self.timestamp or now,
             message=self.message,
             state_details=self.state_details.model_copy(deep=True),
             data=self.data,

@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from schemas.states import State, StateType
+from schemas.states import State, StateType, UtcDatetime
 
 RunKind = Literal["flow_run", "task_run"]
 
@@ -75,7 +75,7 @@ class TaskRunSpec(BaseModel):
     task_key: str = ""
     dynamic_key: str = ""
     cache_key: str | None = None
-    cache_expiration: dt.datetime | None = None
+    cache_expiration: UtcDatetime | None = None
     tags: list[str] = Field(default_factory=list)
     task_inputs: dict[str, JsonValue] = Field(default_factory=dict)
     empirical_policy: TaskRunPolicy = Field(default_factory=TaskRunPolicy)
@@ -151,7 +151,7 @@ class TaskRun(_RunBase):
     task_key: str = ""
     dynamic_key: str = ""
     cache_key: str | None = None
-    cache_expiration: dt.datetime | None = None
+    cache_expiration: UtcDatetime | None = None
     task_inputs: dict[str, JsonValue] = Field(default_factory=dict)
     flow_run_run_count: int = 0
     empirical_policy: TaskRunPolicy = Field(default_factory=TaskRunPolicy)

@@ -10,8 +10,9 @@ import copy
 import datetime as dt
 import uuid
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
 
 
 class StateType(StrEnum):
@@ -42,6 +43,14 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _assume_utc(value: dt.datetime) -> dt.datetime:
+    # Rules subtract these from the aware clock; a naive time from a client means UTC.
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+UtcDatetime = Annotated[dt.datetime, AfterValidator(_assume_utc)]
+
+
 class StateDetails(BaseModel):
     """Prefect's StateDetails; unknown keys are refused so typos surface."""
 
@@ -50,12 +59,12 @@ class StateDetails(BaseModel):
     flow_run_id: uuid.UUID | None = None
     task_run_id: uuid.UUID | None = None
     child_flow_run_id: uuid.UUID | None = None
-    scheduled_time: dt.datetime | None = None
+    scheduled_time: UtcDatetime | None = None
     cache_key: str | None = None
-    cache_expiration: dt.datetime | None = None
+    cache_expiration: UtcDatetime | None = None
     deferred: bool | None = False
     untrackable_result: bool = False
-    pause_timeout: dt.datetime | None = None
+    pause_timeout: UtcDatetime | None = None
     pause_reschedule: bool = False
     pause_key: str | None = None
     run_input_keyset: dict[str, str] | None = None
@@ -75,7 +84,7 @@ class State(BaseModel):
     id: uuid.UUID = Field(default_factory=uuid.uuid4)
     type: StateType
     name: str = ""
-    timestamp: dt.datetime = Field(default_factory=utcnow)
+    timestamp: UtcDatetime = Field(default_factory=utcnow)
     message: str | None = None
     state_details: StateDetails = Field(default_factory=StateDetails)
     data: JsonValue = None

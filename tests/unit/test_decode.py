@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import uuid
 
@@ -132,3 +133,23 @@ def test_message_id_must_equal_the_proposal_id() -> None:
 def test_a_library_stamped_message_id_is_not_the_executors() -> None:
     """aiormq's random hex message_id (set when the publisher gave none) is ignored."""
     assert isinstance(decode(body(), message_id=uuid.uuid4().hex), Decoded)
+
+
+def test_naive_times_are_read_as_utc() -> None:
+    """A client's naive timestamp or scheduled time means UTC, so rules can compare it."""
+    decoded = decode(
+        body(
+            state={
+                "type": "SCHEDULED",
+                "timestamp": "2026-01-01T10:00:00",
+                "state_details": {"scheduled_time": "2026-01-01T11:00:00"},
+            }
+        )
+    )
+    assert isinstance(decoded, Decoded)
+    state = decoded.proposal.state
+    assert state.timestamp is not None
+    assert state.timestamp.utcoffset() == dt.timedelta(0)
+    scheduled = state.state_details.scheduled_time
+    assert scheduled is not None
+    assert scheduled.utcoffset() == dt.timedelta(0)
