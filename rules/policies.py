@@ -1,11 +1,34 @@
-"""Every policy, as an ordered list of rules: the one place where order lives."""
+"""Every policy, as an ordered list of rules: the one place where order lives.
+
+Outermost first. Deployment concurrency rules of Prefect (PreserveDeploymentConcurrencyLeaseId,
+ValidateDeploymentConcurrencyAtRunning, SecureFlowConcurrencySlots,
+RemoveDeploymentConcurrencyLeaseForOldClientVersions, EnforceDeploymentConcurrencyOnLate,
+ReleaseFlowConcurrencySlots) are not built yet; their places are marked.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from rules import bookkeeping as bk
+from rules.core.background import CopyTaskParametersID, EnqueueScheduledTasks
+from rules.core.caching import CacheInsertion, CacheRetrieval
+from rules.core.cancelling import (
+    BypassCancellingFlowRunsWithNoInfra,
+    EnforceCancellingToCancelledTransition,
+)
+from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from rules.core.duplicates import PreventDuplicateTransitions
+from rules.core.late import EnsureOnlyScheduledFlowsMarkedLate
+from rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
 from rules.core.pending import PreventPendingTransitions
+from rules.core.retries import RetryFailedFlows
+from rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
+from rules.core.stopped_flows import PreventRunningTasksFromStoppedFlows
+from rules.core.task_retries import RenameReruns, RetryFailedTasks, UpdateFlowRunTrackerOnTasks
+from rules.core.task_terminal import HandleTaskTerminalStateTransitions
+from rules.core.terminal import HandleFlowTerminalStateTransitions, PreventResultDataLoss
+from rules.instrumentation import InstrumentFlowRunStateTransitions
 from rules.policy import BaseOrchestrationPolicy, RuleClass
 
 
@@ -14,7 +37,24 @@ class CoreFlowPolicy(BaseOrchestrationPolicy):
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return (PreventPendingTransitions,)
+        return (
+            # PreserveDeploymentConcurrencyLeaseId: needs deployments
+            PreventDuplicateTransitions,
+            HandleFlowTerminalStateTransitions,
+            EnforceCancellingToCancelledTransition,
+            BypassCancellingFlowRunsWithNoInfra,
+            PreventPendingTransitions,
+            # ValidateDeploymentConcurrencyAtRunning, SecureFlowConcurrencySlots,
+            # RemoveDeploymentConcurrencyLeaseForOldClientVersions: need deployments
+            EnsureOnlyScheduledFlowsMarkedLate,
+            HandlePausingFlows,
+            HandleResumingPausedFlows,
+            CopyScheduledTime,
+            WaitForScheduledTime,
+            RetryFailedFlows,
+            InstrumentFlowRunStateTransitions,
+            # ReleaseFlowConcurrencySlots: needs deployments
+        )
 
 
 class CoreTaskPolicy(BaseOrchestrationPolicy):
@@ -22,31 +62,88 @@ class CoreTaskPolicy(BaseOrchestrationPolicy):
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return ()
+        return (
+            CacheRetrieval,
+            HandleTaskTerminalStateTransitions,
+            PreventRunningTasksFromStoppedFlows,
+            SecureTaskConcurrencySlots,
+            CopyScheduledTime,
+            WaitForScheduledTime,
+            RetryFailedTasks,
+            RenameReruns,
+            UpdateFlowRunTrackerOnTasks,
+            CacheInsertion,
+            ReleaseTaskConcurrencySlots,
+        )
+
+
+class ClientSideTaskOrchestrationPolicy(BaseOrchestrationPolicy):
+    """CoreTaskPolicy without tag concurrency, for clients that limit concurrency themselves."""
+
+    @staticmethod
+    def priority() -> Sequence[RuleClass]:
+        return (
+            CacheRetrieval,
+            HandleTaskTerminalStateTransitions,
+            PreventRunningTasksFromStoppedFlows,
+            CopyScheduledTime,
+            WaitForScheduledTime,
+            RetryFailedTasks,
+            RenameReruns,
+            UpdateFlowRunTrackerOnTasks,
+            CacheInsertion,
+            ReleaseTaskConcurrencySlots,
+        )
 
 
 class BackgroundTaskPolicy(BaseOrchestrationPolicy):
-    """Deferred (background) task runs: no parent flow and no tag limits."""
+    """Deferred (background) task runs: no parent flow check and no tag limits."""
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return (PreventPendingTransitions,)
+        return (
+            PreventPendingTransitions,
+            CacheRetrieval,
+            HandleTaskTerminalStateTransitions,
+            CopyScheduledTime,
+            CopyTaskParametersID,
+            WaitForScheduledTime,
+            RetryFailedTasks,
+            RenameReruns,
+            UpdateFlowRunTrackerOnTasks,
+            CacheInsertion,
+            ReleaseTaskConcurrencySlots,
+            EnqueueScheduledTasks,
+        )
 
 
 class MinimalFlowPolicy(BaseOrchestrationPolicy):
-    """Forced flow transitions: bookkeeping and data-loss protection only."""
+    """Forced flow transitions: data-loss protection, cancelling without infra, events."""
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return ()
+        return (
+            PreventResultDataLoss,
+            BypassCancellingFlowRunsWithNoInfra,
+            InstrumentFlowRunStateTransitions,
+            # ReleaseFlowConcurrencySlots: needs deployments
+        )
 
 
 class MinimalTaskPolicy(BaseOrchestrationPolicy):
-    """Forced task transitions: bookkeeping only."""
+    """Forced task transitions: only slot release (and the global bookkeeping)."""
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return ()
+        return (ReleaseTaskConcurrencySlots,)
+
+
+class MarkLateRunsPolicy(BaseOrchestrationPolicy):
+    """What a late-runs service would use to mark overdue scheduled runs "Late"."""
+
+    @staticmethod
+    def priority() -> Sequence[RuleClass]:
+        return (EnsureOnlyScheduledFlowsMarkedLate, InstrumentFlowRunStateTransitions)
 
 
 class GlobalFlowPolicy(BaseOrchestrationPolicy):
