@@ -244,16 +244,20 @@ class PgStore:
         self, kind: RunKind, run_id: uuid.UUID, *, lock: bool
     ) -> FlowRun | TaskRun | None:
         k = _KINDS[kind]
-        statement = _RUN_SELECTS[kind].where(k.run.c.id == run_id)
         if lock:
-            # Only the run row: the state row is immutable, and the nullable side of an
-            # outer join cannot be locked anyway.
-            statement = statement.with_for_update(of=k.run)
+            # Lock first, read second. A joined `SELECT ... FOR UPDATE` that waited for the
+            # lock re-checks only the run row; the state row committed meanwhile by the other
+            # transaction is invisible to the statement's snapshot, so the join would return
+            # a stale (or no) state and let two racing proposals both pass the rules.
+            locked = sa.select(k.run.c.id).where(k.run.c.id == run_id).with_for_update()
+            if (await self._execute(locked)).first() is None:
+                return None
+        statement = _RUN_SELECTS[kind].where(k.run.c.id == run_id)
         row = (await self._execute(statement)).mappings().first()
         return _run_from(k, row) if row is not None else None
 
     async def lock_run(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
-        """The run with its current state, locked until the transaction ends (one round trip).
+        """The run with its current state, locked until the transaction ends (two round trips).
 
         The lock serializes every proposal for this run across all workers.
         """

@@ -1,0 +1,98 @@
+"""Races between two worker processes: the run lock and the tag-limit locks decide, once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from worker.client import ArbiterClient
+from worker.pool import WorkerPool, settings_env
+from worker.settings import Settings
+
+pytestmark = pytest.mark.system
+
+
+@pytest.mark.timeout(120)
+async def test_forty_simultaneous_pending_proposals_give_one_accept(
+    settings: Settings, worker_processes: WorkerPool
+) -> None:
+    """40 PENDING proposals for one SCHEDULED flow run: exactly one is accepted."""
+    worker_processes.start()
+    worker_processes.start()
+    run_id = uuid.uuid4()
+    async with ArbiterClient.connect(settings=settings) as client:
+        first = await client.propose(
+            "flow_run", run_id, ProposedState(type=StateType.SCHEDULED), run=FlowRunSpec()
+        )
+        assert first.status is OutcomeStatus.ACCEPT
+        futures = [
+            await client.publish("flow_run", run_id, ProposedState(type=StateType.PENDING))
+            for _ in range(40)
+        ]
+        outcomes = await asyncio.wait_for(asyncio.gather(*futures), 60)
+    statuses = sorted(o.status.value for o in outcomes)
+    assert statuses == ["ABORT"] * 39 + ["ACCEPT"]
+
+
+@pytest.mark.timeout(180)
+async def test_thirty_tasks_racing_for_a_limit_of_three(
+    settings: Settings, worker_processes: WorkerPool
+) -> None:
+    """30 task runs propose RUNNING under a tag limit of 3: 3 ACCEPT; none held at the end."""
+    tag = f"race-{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker.cli", "limits", "set", tag, "3"],
+        env=settings_env(settings),
+        check=True,
+        capture_output=True,
+    )
+    worker_processes.start()
+    worker_processes.start()
+    async with ArbiterClient.connect(settings=settings) as client:
+        flow_id = uuid.uuid4()
+        await client.propose(
+            "flow_run", flow_id, ProposedState(type=StateType.RUNNING), run=FlowRunSpec()
+        )
+        task_ids = [uuid.uuid4() for _ in range(30)]
+        spec = TaskRunSpec(flow_run_id=flow_id, tags=[tag])
+        await asyncio.gather(
+            *(
+                client.propose("task_run", t, ProposedState(type=StateType.PENDING), run=spec)
+                for t in task_ids
+            )
+        )
+        running = await asyncio.gather(
+            *(
+                client.propose("task_run", t, ProposedState(type=StateType.RUNNING))
+                for t in task_ids
+            )
+        )
+        accepted = [
+            t for t, o in zip(task_ids, running, strict=True) if o.status is OutcomeStatus.ACCEPT
+        ]
+        assert len(accepted) == 3
+        assert {o.status for o in running} == {OutcomeStatus.ACCEPT, OutcomeStatus.WAIT}
+        finished = await asyncio.gather(
+            *(
+                client.propose("task_run", t, ProposedState(type=StateType.COMPLETED))
+                for t in accepted
+            )
+        )
+        assert all(o.status is OutcomeStatus.ACCEPT for o in finished)
+    listed = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "worker.cli", "limits", "ls", "--json"],
+        env=settings_env(settings),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    [limit] = [row for row in json.loads(listed.stdout) if row["tag"] == tag]
+    assert limit["active_slots"] == []
