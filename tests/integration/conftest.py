@@ -11,18 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db.engine import create_engine
 from worker.db.store import PgStore
-
-
-@pytest.fixture(scope="session")
-async def pg_engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """One small pool for every store test of the session."""
-    engine = create_engine(database_url, pool_size=4)
-    try:
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture

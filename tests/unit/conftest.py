@@ -1,13 +1,72 @@
-"""Unit-tier fixtures: rules run against the in-memory store."""
+"""Unit-tier fixtures: rules run against the in-memory store, and the same scenarios again
+against PostgreSQL through the real store (marked ``integration``).
+
+The PostgreSQL variant runs each test inside a transaction that is rolled back, so
+scenarios never see each other's rows. Tests that arrange their scenario by
+writing into the in-memory store's internals (``@pytest.mark.memory_only``) run once.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rules.memory import InMemoryStore
+from rules.store import AdminStore
+
+# The rule scenarios of Prefect's core, global and instrumentation suites run on both stores.
+_ON_BOTH_STORES = {
+    "test_flow_rules.py",
+    "test_task_rules.py",
+    "test_global_policy.py",
+    "test_prevent_pending_transitions.py",
+    "test_instrumentation.py",
+}
+
+
+_ENGINES: dict[str, AsyncEngine] = {}
+
+
+def _engine(database_url: str) -> AsyncEngine:
+    # One engine for the session (its loop is the session's); a sync fixture cannot be
+    # requested lazily from this async one, so it is cached here instead.
+    from worker.db.engine import create_engine
+
+    if database_url not in _ENGINES:
+        _ENGINES[database_url] = create_engine(database_url, pool_size=2)
+    return _ENGINES[database_url]
 
 
 @pytest.fixture
-def store() -> InMemoryStore:
-    """A fresh in-memory store per test."""
+def memory_store() -> InMemoryStore:
     return InMemoryStore()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store" not in metafunc.fixturenames:
+        return
+    backends: list[object] = ["memory"]
+    on_both = Path(str(metafunc.definition.fspath)).name in _ON_BOTH_STORES
+    if on_both and metafunc.definition.get_closest_marker("memory_only") is None:
+        backends.append(pytest.param("postgres", marks=pytest.mark.integration))
+    metafunc.parametrize("store", backends, indirect=True)
+
+
+@pytest.fixture
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[AdminStore]:
+    """A fresh store per test: in memory, or a rolled-back PostgreSQL transaction."""
+    if request.param == "memory":
+        yield InMemoryStore()
+        return
+    from worker.db.store import PgStore
+
+    engine = _engine(request.getfixturevalue("database_url"))
+    async with engine.connect() as connection:
+        transaction = await connection.begin()
+        try:
+            yield PgStore(connection)
+        finally:
+            await transaction.rollback()

@@ -36,6 +36,7 @@ from rules.errors import ObjectNotFoundError, OrchestrationError
 from rules.memory import InMemoryStore
 from rules.policy import RuleClass
 from rules.results import SetStateStatus, StateRejectDetails, StateWaitDetails
+from rules.store import AdminStore
 from schemas.states import State, StateType, utcnow
 from tests.factories import initialize_orchestration
 
@@ -117,8 +118,12 @@ def other_types(*excluded: StateType) -> list[StateType]:
     return [t for t in CANONICAL_STATES if t not in excluded]
 
 
-def slots(store: InMemoryStore, tag: str) -> list[str]:
-    return store.tag_limits[tag].active_slots
+async def slots(store: AdminStore, tag: str) -> list[str]:
+    """The run ids holding a slot of ``tag``'s limit, through the store's public API."""
+    for limit in await store.list_tag_limits():
+        if limit.tag == tag:
+            return limit.active_slots
+    raise KeyError(tag)
 
 
 class TestCopyTaskParametersID:
@@ -236,6 +241,7 @@ class TestCachingBackendLogic:
         assert ctx2.validated_state is not None
         assert ctx2.validated_state.name == expected_name
 
+    @pytest.mark.memory_only
     async def test_cache_insertion_requires_validated_state(self, store: InMemoryStore) -> None:
         """An error raised before validation propagates unchanged through CacheInsertion's exit."""
         details = {"cache_key": "cache-hit", "cache_expiration": utcnow() - dt.timedelta(days=1)}
@@ -342,6 +348,7 @@ class TestCacheRetrieval:
         assert ctx.validated_state is not None
         assert ctx.validated_state.name == "Running"
 
+    @pytest.mark.memory_only
     async def test_newest_cache_entry_wins(self, store: InMemoryStore) -> None:
         """Of two live entries under one key, the most recently cached one is served."""
         await self._cache_completed_state(store, "key")
@@ -362,6 +369,7 @@ class TestCacheRetrieval:
 
 
 class TestCacheInsertion:
+    @pytest.mark.memory_only
     async def test_cache_key_exceeding_maximum_length_rejects_with_the_same_state(
         self, store: InMemoryStore
     ) -> None:
@@ -420,6 +428,7 @@ class TestCacheInsertion:
             reason="Cache key exceeded maximum allowed length of 10 characters."
         )
 
+    @pytest.mark.memory_only
     async def test_nothing_is_cached_when_a_later_rule_changes_the_transition(
         self, store: InMemoryStore
     ) -> None:
@@ -460,6 +469,7 @@ class TestUpdatingFlowRunTrackerOnTasks:
 
         assert ctx.run.flow_run_run_count == flow_run_count
 
+    @pytest.mark.memory_only
     async def test_task_run_tracking_raises_informative_errors_on_missing_flow_runs(
         self, store: InMemoryStore
     ) -> None:
@@ -506,6 +516,7 @@ class TestPermitRerunningFailedTaskRuns:
         ctx.run.run_count = 2
         return ctx
 
+    @pytest.mark.memory_only
     async def test_bypasses_terminal_state_rule_if_flow_is_retrying(
         self, store: InMemoryStore
     ) -> None:
@@ -522,6 +533,7 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Retrying"
         assert ctx.run.flow_run_run_count == 4
 
+    @pytest.mark.memory_only
     async def test_can_run_again_even_if_exceeding_flow_runs_count(
         self, store: InMemoryStore
     ) -> None:
@@ -541,6 +553,7 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Running"
         assert ctx.run.flow_run_run_count == 3
 
+    @pytest.mark.memory_only
     async def test_bypasses_terminal_state_rule_if_configured_automatic_retries_is_exceeded(
         self, store: InMemoryStore
     ) -> None:
@@ -557,6 +570,7 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Retrying"
         assert ctx.run.flow_run_run_count == 4
 
+    @pytest.mark.memory_only
     @pytest.mark.parametrize(
         "fizzle_into", other_types(StateType.FAILED, StateType.RUNNING), ids=type_id
     )
@@ -994,19 +1008,19 @@ class TestTaskConcurrencyLimits:
 
         task1 = await self._start(store, ["some tag"])
         assert task1.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "some tag")) == 1
+        assert len(await slots(store, "some tag")) == 1
 
         task2 = await self._start(store, ["some tag"])
         assert task2.response_status == SetStateStatus.WAIT
-        assert len(slots(store, "some tag")) == 1
+        assert len(await slots(store, "some tag")) == 1
 
         task1_done = await self._start(store, [], transition=self.completed, run=task1)
         assert task1_done.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "some tag")) == 0
+        assert len(await slots(store, "some tag")) == 0
 
         task2_retry = await self._start(store, [], run=task2)
         assert task2_retry.response_status == SetStateStatus.ACCEPT
-        assert slots(store, "some tag") == [str(task2.run.id)]
+        assert await slots(store, "some tag") == [str(task2.run.id)]
 
     async def test_concurrency_limit_cancelling_transition(self, store: InMemoryStore) -> None:
         """CANCELLING keeps the slot; CANCELLED gives it back."""
@@ -1021,17 +1035,17 @@ class TestTaskConcurrencyLimits:
             store, [], transition=(StateType.RUNNING, StateType.CANCELLING), run=task1
         )
         assert cancelling.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "some tag")) == 1
+        assert len(await slots(store, "some tag")) == 1
 
         cancelled = await self._start(
             store, [], transition=(StateType.CANCELLING, StateType.CANCELLED), run=task1
         )
         assert cancelled.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "some tag")) == 0
+        assert len(await slots(store, "some tag")) == 0
 
         task2_retry = await self._start(store, [], run=task2)
         assert task2_retry.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "some tag")) == 1
+        assert len(await slots(store, "some tag")) == 1
 
     async def test_concurrency_limiting_aborts_transitions_with_zero_limit(
         self, store: InMemoryStore
@@ -1063,7 +1077,7 @@ class TestTaskConcurrencyLimits:
         )
 
         assert ctx.response_status == SetStateStatus.REJECT
-        assert len(slots(store, "a nice little limit")) == 0
+        assert len(await slots(store, "a nice little limit")) == 0
 
     async def test_one_run_wont_consume_multiple_slots(self, store: InMemoryStore) -> None:
         """The same run entering RUNNING twice holds one slot."""
@@ -1071,20 +1085,20 @@ class TestTaskConcurrencyLimits:
 
         ctx = await self._start(store, ["a generous limit"])
         assert ctx.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "a generous limit")) == 1
+        assert len(await slots(store, "a generous limit")) == 1
 
         duplicate = await self._start(store, [], run=ctx)
         assert duplicate.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "a generous limit")) == 1
+        assert len(await slots(store, "a generous limit")) == 1
 
     async def test_task_restart_does_not_consume_multiple_slots(self, store: InMemoryStore) -> None:
         """RUNNING → RUNNING does not take a second slot."""
         await store.upsert_tag_limit("a generous limit", 10)
-        assert len(slots(store, "a generous limit")) == 0
+        assert len(await slots(store, "a generous limit")) == 0
 
         ctx = await self._start(store, ["a generous limit"], [SecureTaskConcurrencySlots])
         assert ctx.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "a generous limit")) == 1
+        assert len(await slots(store, "a generous limit")) == 1
 
         restart = await self._start(
             store,
@@ -1094,7 +1108,7 @@ class TestTaskConcurrencyLimits:
             run=ctx,
         )
         assert restart.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "a generous limit")) == 1
+        assert len(await slots(store, "a generous limit")) == 1
 
     async def test_concurrency_race_condition_new_tags_arent_double_counted(
         self, store: InMemoryStore
@@ -1107,23 +1121,23 @@ class TestTaskConcurrencyLimits:
         assert task1.response_status == SetStateStatus.ACCEPT
 
         await store.upsert_tag_limit("secondary tag", 1)
-        assert len(slots(store, "primary tag")) == 1
-        assert len(slots(store, "secondary tag")) == 0
+        assert len(await slots(store, "primary tag")) == 1
+        assert len(await slots(store, "secondary tag")) == 0
 
         task2 = await self._start(store, tags)
         assert task2.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "primary tag")) == 2
-        assert len(slots(store, "secondary tag")) == 1
+        assert len(await slots(store, "primary tag")) == 2
+        assert len(await slots(store, "secondary tag")) == 1
 
         task1_done = await self._start(store, [], transition=self.completed, run=task1)
         assert task1_done.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "primary tag")) == 1
-        assert len(slots(store, "secondary tag")) == 1
+        assert len(await slots(store, "primary tag")) == 1
+        assert len(await slots(store, "secondary tag")) == 1
 
         task2_done = await self._start(store, [], transition=self.completed, run=task2)
         assert task2_done.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "primary tag")) == 0
-        assert len(slots(store, "secondary tag")) == 0
+        assert len(await slots(store, "primary tag")) == 0
+        assert len(await slots(store, "secondary tag")) == 0
 
     async def test_concurrency_race_condition_deleted_tags_dont_impact_execution(
         self, store: InMemoryStore
@@ -1135,7 +1149,7 @@ class TestTaskConcurrencyLimits:
 
         task1 = await self._start(store, tags)
         assert task1.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "small limit")) == 1
+        assert len(await slots(store, "small limit")) == 1
 
         task2 = await self._start(store, tags)
         assert task2.response_status == SetStateStatus.WAIT
@@ -1158,7 +1172,7 @@ class TestTaskConcurrencyLimits:
 
         task2 = await self._start(store, ["changing limit"])
         assert task2.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "changing limit")) == 2
+        assert len(await slots(store, "changing limit")) == 2
 
     async def test_concurrency_race_condition_limit_decreases_impact_new_runs(
         self, store: InMemoryStore
@@ -1173,7 +1187,7 @@ class TestTaskConcurrencyLimits:
 
         task2 = await self._start(store, ["shrinking limit"])
         assert task2.response_status == SetStateStatus.WAIT
-        assert len(slots(store, "shrinking limit")) == 1
+        assert len(await slots(store, "shrinking limit")) == 1
 
     async def test_concurrency_race_condition_limit_decreases_dont_impact_existing_runs(
         self, store: InMemoryStore
@@ -1185,11 +1199,11 @@ class TestTaskConcurrencyLimits:
         assert task1.response_status == SetStateStatus.ACCEPT
 
         await store.upsert_tag_limit("shrinking limit", 0)
-        assert len(slots(store, "shrinking limit")) == 1
+        assert len(await slots(store, "shrinking limit")) == 1
 
         task1_done = await self._start(store, [], transition=self.completed, run=task1)
         assert task1_done.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "shrinking limit")) == 0
+        assert len(await slots(store, "shrinking limit")) == 0
 
     @pytest.mark.parametrize(
         "fizzle_into",
@@ -1203,7 +1217,7 @@ class TestTaskConcurrencyLimits:
         await store.upsert_tag_limit("small", 1)
         task1 = await self._start(store, ["small"])
         assert task1.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
         pending = await self._start(
             store,
@@ -1215,7 +1229,7 @@ class TestTaskConcurrencyLimits:
 
         assert pending.response_status == SetStateStatus.REJECT
         assert pending.validated_state_type != StateType.RUNNING
-        assert len(slots(store, "small")) == 0
+        assert len(await slots(store, "small")) == 0
 
     @pytest.mark.parametrize(
         "fizzle_into",
@@ -1230,7 +1244,7 @@ class TestTaskConcurrencyLimits:
         await store.upsert_tag_limit("small", 1)
         task1 = await self._start(store, ["small"])
         assert task1.response_status == SetStateStatus.ACCEPT
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
         pending = await self._start(
             store,
@@ -1242,7 +1256,7 @@ class TestTaskConcurrencyLimits:
 
         assert pending.response_status == SetStateStatus.REJECT
         assert pending.validated_state_type != StateType.RUNNING
-        assert len(slots(store, "small")) == 0
+        assert len(await slots(store, "small")) == 0
 
     async def test_releasing_concurrency_slots_does_not_happen_if_nullified_with_release_first(
         self, store: InMemoryStore
@@ -1250,7 +1264,7 @@ class TestTaskConcurrencyLimits:
         """An aborted move out of RUNNING keeps the slot (Release entered first)."""
         await store.upsert_tag_limit("small", 1)
         task1 = await self._start(store, ["small"])
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
         pending = await self._start(
             store,
@@ -1261,7 +1275,7 @@ class TestTaskConcurrencyLimits:
         )
 
         assert pending.response_status == SetStateStatus.ABORT
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
     async def test_releasing_concurrency_slots_does_not_happen_if_nullified_with_release_last(
         self, store: InMemoryStore
@@ -1269,7 +1283,7 @@ class TestTaskConcurrencyLimits:
         """An aborted move out of RUNNING keeps the slot (Release entered last)."""
         await store.upsert_tag_limit("small", 1)
         task1 = await self._start(store, ["small"])
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
         pending = await self._start(
             store,
@@ -1280,7 +1294,7 @@ class TestTaskConcurrencyLimits:
         )
 
         assert pending.response_status == SetStateStatus.ABORT
-        assert len(slots(store, "small")) == 1
+        assert len(await slots(store, "small")) == 1
 
 
 class TestSecureTaskConcurrencySlots:
@@ -1303,6 +1317,7 @@ class TestSecureTaskConcurrencySlots:
         await store.upsert_tag_limit(tag, limit)
         store.tag_limits[tag].active_slots = [str(uuid.uuid4()) for _ in range(limit)]
 
+    @pytest.mark.memory_only
     async def test_wait_on_a_later_tag_frees_the_slot_claimed_on_an_earlier_tag(
         self, store: InMemoryStore
     ) -> None:
@@ -1313,7 +1328,7 @@ class TestSecureTaskConcurrencySlots:
         ctx = await self._propose_running(store, ["a", "b"])
 
         assert ctx.response_status == SetStateStatus.WAIT
-        assert slots(store, "a") == []
+        assert await slots(store, "a") == []
 
     async def test_abort_on_a_later_tag_frees_the_slot_claimed_on_an_earlier_tag(
         self, store: InMemoryStore
@@ -1325,8 +1340,9 @@ class TestSecureTaskConcurrencySlots:
         ctx = await self._propose_running(store, ["a", "b"])
 
         assert ctx.response_status == SetStateStatus.ABORT
-        assert slots(store, "a") == []
+        assert await slots(store, "a") == []
 
+    @pytest.mark.memory_only
     @pytest.mark.parametrize("blocking_limit", [0, 1], ids=["abort", "wait"])
     async def test_blocked_proposal_does_not_claim_later_tags(
         self, store: InMemoryStore, blocking_limit: int
@@ -1338,8 +1354,9 @@ class TestSecureTaskConcurrencySlots:
         ctx = await self._propose_running(store, ["a", "b"])
 
         assert ctx.response_status in (SetStateStatus.ABORT, SetStateStatus.WAIT)
-        assert slots(store, "b") == []
+        assert await slots(store, "b") == []
 
+    @pytest.mark.memory_only
     async def test_first_blocking_tag_decides_the_outcome(self, store: InMemoryStore) -> None:
         """A zero limit on the first tag ABORTs even though a later tag is full."""
         await store.upsert_tag_limit("a", 0)
@@ -1349,6 +1366,7 @@ class TestSecureTaskConcurrencySlots:
 
         assert ctx.response_status == SetStateStatus.ABORT
 
+    @pytest.mark.memory_only
     async def test_wait_uses_the_configured_delay_and_names_the_tag(
         self, store: InMemoryStore
     ) -> None:
@@ -1363,6 +1381,7 @@ class TestSecureTaskConcurrencySlots:
             delay_seconds=7, reason="Concurrency limit for the busy tag has been reached"
         )
 
+    @pytest.mark.memory_only
     async def test_default_wait_is_ten_seconds(self, store: InMemoryStore) -> None:
         """Prefect's default tag wait is 10 s."""
         await self._fill(store, "busy", 1)
@@ -1390,8 +1409,8 @@ class TestSecureTaskConcurrencySlots:
         )
 
         assert restart.response_status == SetStateStatus.WAIT
-        assert slots(store, "a") == [str(task1.run.id)]
-        assert slots(store, "b") == [str(task1.run.id)]
+        assert await slots(store, "a") == [str(task1.run.id)]
+        assert await slots(store, "b") == [str(task1.run.id)]
 
     async def test_untagged_runs_are_not_limited(self, store: InMemoryStore) -> None:
         """A run without tags enters RUNNING whatever limits exist."""
@@ -1412,7 +1431,7 @@ class TestReleaseTaskConcurrencySlots:
         running = await apply_rules(
             running, [SecureTaskConcurrencySlots, ReleaseTaskConcurrencySlots]
         )
-        assert slots(store, "small") == [str(running.run.id)]
+        assert await slots(store, "small") == [str(running.run.id)]
 
         failing = await initialize_orchestration(
             store, "task", StateType.RUNNING, StateType.FAILED, run_override=running.run
@@ -1423,8 +1442,9 @@ class TestReleaseTaskConcurrencySlots:
         assert failing.response_status == SetStateStatus.REJECT
         assert failing.validated_state is not None
         assert failing.validated_state.name == "AwaitingRetry"
-        assert slots(store, "small") == []
+        assert await slots(store, "small") == []
 
+    @pytest.mark.memory_only
     async def test_nullified_transitions_release_nothing(self, store: InMemoryStore) -> None:
         """An aborted transition releases nothing even when the current state is not RUNNING."""
         await store.upsert_tag_limit("small", 1)
@@ -1437,7 +1457,7 @@ class TestReleaseTaskConcurrencySlots:
 
         assert ctx.response_status == SetStateStatus.ABORT
         assert ctx.validated_state_type == StateType.PENDING
-        assert slots(store, "small") == [str(ctx.run.id)]
+        assert await slots(store, "small") == [str(ctx.run.id)]
 
 
 class TestPreventRunningTasksFromStoppedFlows:
@@ -1532,6 +1552,7 @@ class TestPreventRunningTasksFromStoppedFlows:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
+    @pytest.mark.memory_only
     async def test_allows_tasks_whose_flow_run_cannot_be_read(self, store: InMemoryStore) -> None:
         """A task whose flow run has disappeared is not restricted by this rule."""
         ctx = await initialize_orchestration(store, "task", StateType.PENDING, StateType.RUNNING)
