@@ -10,22 +10,18 @@ rule hold the extra scenarios. Tests 53-58 live in
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Sequence
 from itertools import product
-from typing import TypeVar
 
 import pytest
 
 from rules.base import (
     ALL_ORCHESTRATION_STATES,
-    TERMINAL_TYPES,
     FlowRunOrchestrationRule,
     StateTypeOrNone,
 )
-from rules.context import FlowOrchestrationContext, OrchestrationContext
+from rules.context import FlowOrchestrationContext
 from rules.core.cancelling import (
     BypassCancellingFlowRunsWithNoInfra,
     EnforceCancellingToCancelledTransition,
@@ -40,9 +36,7 @@ from rules.core.terminal import (
     PreventResultDataLoss,
     has_persisted_result,
 )
-from rules.engine import Orchestrator
 from rules.memory import InMemoryStore
-from rules.policy import RuleClass
 from rules.results import (
     SetStateStatus,
     StateAbortDetails,
@@ -52,50 +46,23 @@ from rules.results import (
 from schemas.runs import FlowRunPolicy
 from schemas.states import State, StateDetails, StateType
 from tests.factories import RunType, initialize_orchestration
+from tests.unit.core.helpers import (
+    ALL_STATES,
+    CANONICAL_STATES,
+    NOW,
+    PERSISTED_RESULT,
+    TERMINAL_STATES,
+    apply_rules,
+    frozen_orchestrator,
+    transition_id,
+    type_id,
+)
 
-# Sorted lists (``None`` sorts as "None") so parametrized ids are deterministic.
-ALL_STATES: list[StateTypeOrNone] = sorted(ALL_ORCHESTRATION_STATES, key=str)
-CANONICAL_STATES: list[StateType] = list(StateType)
-TERMINAL_STATES: list[StateType] = sorted(t for t in TERMINAL_TYPES if t is not None)
 RUN_TYPES: list[RunType] = ["task", "flow"]
 
-NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
-PERSISTED_RESULT = {"storage_key": "/results/abc", "serializer": {"type": "pickle"}}
 SCALAR_DATA = [1, "hello", True, [1, 2, 3]]
 
-ContextT = TypeVar("ContextT", bound=OrchestrationContext)  # type: ignore[type-arg]
 Transition = tuple[StateTypeOrNone, StateTypeOrNone]
-
-
-def name_of(state_type: StateTypeOrNone) -> str:
-    return state_type.name if state_type is not None else "None"
-
-
-def transition_id(transition: Transition) -> str:
-    """``RUNNING->PENDING``: readable parametrize ids."""
-    return f"{name_of(transition[0])}->{name_of(transition[1])}"
-
-
-def type_id(value: object) -> str:
-    return name_of(value) if isinstance(value, StateType) or value is None else str(value)
-
-
-def frozen_orchestrator(now: dt.datetime = NOW) -> Orchestrator:
-    """An orchestrator whose clock always reads ``now``."""
-    return Orchestrator(clock=lambda: now)
-
-
-async def apply_rules(
-    ctx: ContextT, rules: Sequence[RuleClass], *, validate: bool = True
-) -> ContextT:
-    """Enter ``rules`` in order for the context's intended transition, validate, unwind."""
-    intended = (ctx.initial_state_type, ctx.proposed_state_type)
-    async with contextlib.AsyncExitStack() as stack:
-        for rule in rules:
-            ctx = await stack.enter_async_context(rule(ctx, *intended))
-        if validate:
-            await ctx.validate_proposed_state()
-    return ctx
 
 
 def rejecting_rule(to_type: StateType) -> type[FlowRunOrchestrationRule]:
