@@ -51,11 +51,14 @@ class OutboxMessage:
 
     ``channel`` is ``"event"`` (state-change events) or ``"task_run"``
     (deferred task runs to enqueue); the worker maps each to an exchange.
+    ``message_id`` is stable (the written state's id), so a consumer can drop
+    the copies a replay publishes again.
     """
 
     channel: Literal["event", "task_run"]
     routing_key: str
     body: dict[str, object]
+    message_id: str
 
 
 @dataclass

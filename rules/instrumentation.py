@@ -187,5 +187,6 @@ class InstrumentFlowRunStateTransitions(FlowRunUniversalTransform):
                 channel="event",
                 routing_key=f"prefect.flow-run.{validated_state.name}",
                 body=event,
+                message_id=str(validated_state.id),
             )
         )

@@ -1,9 +1,11 @@
 """The consumer: the one module that acks.
 
 For each delivery the order is fixed: decode → (transaction: lock, orchestrate,
-write, record, commit) → publish the outcome and wait for the broker's confirm
-→ ack. A crash anywhere before the ack redelivers the proposal, and the stored
-outcome makes the redelivery a replay. Nothing is acked on cancellation.
+write, record outcome and outbox, commit) → publish the outbox (events, enqueued
+task runs), then the outcome, each confirmed by the broker → ack. A crash
+anywhere before the ack redelivers the proposal, and the stored outcome and
+outbox make the redelivery a replay that publishes both again. Nothing is acked
+on cancellation.
 """
 
 from __future__ import annotations
@@ -131,8 +133,18 @@ class Consumer:
         if processed.invalid is not None:
             await self._refuse(message, processed.invalid)
             return
-        await self._publish_outcome(message, processed.outcome)
-        await self._publish_outbox(processed.outbox)
+        try:
+            # The outbox first: an executor that sees the outcome knows its events are out.
+            await self._publish_outbox(processed.outbox)
+            await self._publish_outcome(message, processed.outcome)
+        except Exception:
+            # Committed but not (fully) announced: the redelivery replays the stored
+            # outcome and outbox, so nothing is lost; consumers dedupe by message id.
+            log.exception("proposal %s: publishing failed, requeued", decoded.proposal.proposal_id)
+            self.stats.requeued += 1
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
+            return
         await message.ack()
         self._count(processed)
 
@@ -208,6 +220,7 @@ class Consumer:
                 body=json.dumps(item.body, default=str).encode(),
                 content_type="application/json",
                 delivery_mode=DeliveryMode.PERSISTENT,
+                message_id=item.message_id,
             )
             await self._with_retries(
                 functools.partial(exchange.publish, body, routing_key=item.routing_key)

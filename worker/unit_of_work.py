@@ -11,6 +11,7 @@ import datetime as dt
 import logging
 from dataclasses import dataclass, field
 
+from pydantic import TypeAdapter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rules.context import OrchestrationContext, OutboxMessage
@@ -23,6 +24,10 @@ from worker.decode import Decoded, Invalid
 from worker.outcomes import abort_outcome, invalid_outcome, outcome_from_context
 
 log = logging.getLogger(__name__)
+
+# The outbox is stored beside the outcome, in the same transaction, so a replay
+# (a redelivery after a crash between commit and publish) publishes it again.
+_OUTBOX = TypeAdapter(list[OutboxMessage])
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,11 @@ async def process_proposal(
         if known.body_sha256 != decoded.body_sha256:
             message = f"proposal {proposal.proposal_id} was already processed with another body"
             return _invalid(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message)
-        return Processed(outcome=Outcome.model_validate_json(known.outcome_json), replayed=True)
+        return Processed(
+            outcome=Outcome.model_validate_json(known.outcome_json),
+            outbox=_OUTBOX.validate_json(known.outbox_json),
+            replayed=True,
+        )
 
     state = proposal.state.to_state(orchestrator.clock())
     context: OrchestrationContext  # type: ignore[type-arg]
@@ -104,11 +113,14 @@ async def process_proposal(
     except Exception as exc:
         raise PermanentProcessingError(exc) from exc
     outcome = outcome_from_context(proposal, context)
-    await _record(store, decoded, outcome)
-    return Processed(outcome=outcome, outbox=list(context.outbox))
+    outbox = list(context.outbox)
+    await _record(store, decoded, outcome, outbox)
+    return Processed(outcome=outcome, outbox=outbox)
 
 
-async def _record(store: PgStore, decoded: Decoded, outcome: Outcome) -> None:
+async def _record(
+    store: PgStore, decoded: Decoded, outcome: Outcome, outbox: list[OutboxMessage]
+) -> None:
     proposal = decoded.proposal
     await store.record_processed(
         proposal.proposal_id,
@@ -117,6 +129,7 @@ async def _record(store: PgStore, decoded: Decoded, outcome: Outcome) -> None:
         proposal.run_id,
         outcome.status.value,
         outcome.model_dump_json(),
+        _OUTBOX.dump_json(outbox).decode(),
     )
 
 
@@ -135,11 +148,12 @@ async def run_in_transaction(
             known = await store.find_processed(decoded.proposal.proposal_id)
             if known is not None:
                 outcome = Outcome.model_validate_json(known.outcome_json)
-                return Processed(outcome=outcome, replayed=True)
+                outbox = _OUTBOX.validate_json(known.outbox_json)
+                return Processed(outcome=outcome, outbox=outbox, replayed=True)
             proposal = decoded.proposal
             run = await store.lock_run(proposal.run_kind, proposal.run_id)
             outcome = abort_outcome(proposal, run, reason)
-            await _record(store, decoded, outcome)
+            await _record(store, decoded, outcome, [])
             return Processed(outcome=outcome)
 
 

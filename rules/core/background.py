@@ -65,5 +65,6 @@ class EnqueueScheduledTasks(TaskRunOrchestrationRule):
                     "state": validated_state.model_dump(mode="json"),
                     "retry": validated_state.name == "AwaitingRetry",
                 },
+                message_id=str(validated_state.id),
             )
         )

@@ -17,8 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -31,8 +33,8 @@ from schemas.states import utcnow
 from tests.factories import create_flow_run, create_task_run, initialize_orchestration, make_state
 from worker.db import tables
 from worker.db.engine import asyncpg_url, create_engine
-from worker.db.migrate import MIGRATION_LOCK_KEY, upgrade, upgrade_async
-from worker.db.store import PgStore, is_transient, translate_db_error
+from worker.db.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade, upgrade_async
+from worker.db.store import PgStore, ProcessedProposal, is_transient, translate_db_error
 
 pytestmark = pytest.mark.integration
 
@@ -145,7 +147,7 @@ class TestMigrations:
         await upgrade_async(database_url)
         async with pg_engine.connect() as connection:
             versions = (await connection.execute(sa.text("SELECT * FROM alembic_version"))).all()
-        assert [tuple(row) for row in versions] == [("0001",)]
+        assert [tuple(row) for row in versions] == [(head_revision(database_url),)]
 
     def test_concurrent_upgrades_of_a_migrated_database_succeed(self, database_url: str) -> None:
         """Two processes running ``arbiter migrate`` at once both succeed."""
@@ -190,8 +192,50 @@ class TestMigrations:
         assert schema_diff(empty_database_url) == []
 
     def test_migration_creates_exactly_the_tables_module(self, database_url: str) -> None:
-        """``0001_initial`` and ``worker.db.tables`` describe the same schema."""
+        """The migrations and ``worker.db.tables`` describe the same schema."""
         assert schema_diff(database_url) == []
+
+    def test_upgrading_from_0001_keeps_recorded_proposals_and_downgrades(
+        self, empty_database_url: str
+    ) -> None:
+        """0002 adds the outbox column: proposals recorded before it read back with an empty
+        outbox, so their replays still work; downgrading to 0001 removes it again."""
+        config = alembic_config(empty_database_url)
+        command.upgrade(config, "0001")
+        proposal_id = uuid.uuid4()
+
+        async def record_before() -> None:
+            engine = create_engine(empty_database_url, pool_size=1)
+            try:
+                async with engine.begin() as connection:
+                    insert = sa.text(
+                        "INSERT INTO processed_proposal"
+                        " (proposal_id, body_sha256, run_kind, run_id, status, outcome)"
+                        " VALUES (:id, 'ab', 'flow_run', :run, 'ACCEPT', '{\"a\": 1}')"
+                    )
+                    await connection.execute(insert, {"id": proposal_id, "run": uuid.uuid4()})
+            finally:
+                await engine.dispose()
+
+        async def find() -> list[object]:
+            engine = create_engine(empty_database_url, pool_size=1)
+            try:
+                async with engine.connect() as connection:
+                    return [await PgStore(connection).find_processed(proposal_id)]
+            finally:
+                await engine.dispose()
+
+        run_blocking(record_before())
+        upgrade(empty_database_url)
+
+        (found,) = run_blocking(find())
+        assert isinstance(found, ProcessedProposal)
+        assert json.loads(found.outcome_json) == {"a": 1}
+        assert found.outbox_json == "[]"
+        assert schema_diff(empty_database_url) == []
+
+        command.downgrade(config, "0001")
+        assert any("outbox" in repr(diff) for diff in schema_diff(empty_database_url))
 
     async def test_constraint_and_index_names_match_the_tables_module(
         self, pg_engine: AsyncEngine
@@ -234,6 +278,10 @@ def run_in_threads(target: object, *, count: int) -> None:
     for thread in threads:
         thread.join(60)
     assert failures == []
+
+
+def head_revision(database_url: str) -> str | None:
+    return ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
 
 
 def schema_diff(database_url: str) -> list[object]:
@@ -689,7 +737,19 @@ class TestProcessedProposals:
         assert found.body_sha256 == "ab" * 32
         assert found.status == "ACCEPT"
         assert json.loads(found.outcome_json) == outcome
+        assert found.outbox_json == "[]"
         assert await pg_store.find_processed(uuid.uuid4()) is None
+
+    async def test_the_outbox_is_recorded_with_the_outcome(self, pg_store: PgStore) -> None:
+        """What the transaction wanted published comes back, so a replay can publish it."""
+        proposal_id = uuid.uuid4()
+        outbox = [{"channel": "event", "routing_key": "k", "message_id": "m", "body": {"x": [1]}}]
+        await pg_store.record_processed(
+            proposal_id, "cd" * 32, "flow_run", uuid.uuid4(), "ACCEPT", "{}", json.dumps(outbox)
+        )
+        found = await pg_store.find_processed(proposal_id)
+        assert found is not None
+        assert json.loads(found.outbox_json) == outbox
 
     async def test_recording_an_id_twice_is_retryable(self, pg_store: PgStore) -> None:
         """A duplicate id means a concurrent twin: the retry will find it and replay."""

@@ -66,17 +66,18 @@ async def publish_raw(
 
 
 class OutcomeTap:
-    """A private queue bound to the outcomes exchange with one binding key."""
+    """A private queue bound with one binding key to the outcomes exchange (or another)."""
 
-    def __init__(self, settings: Settings, binding_key: str) -> None:
+    def __init__(self, settings: Settings, binding_key: str, *, exchange: str = "") -> None:
         self.settings = settings
         self.binding_key = binding_key
+        self.exchange = exchange or settings.outcomes_exchange
         self.messages: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
     async def __aenter__(self) -> OutcomeTap:
         self.connection = await aio_pika.connect(self.settings.amqp_url)
         channel = await self.connection.channel()
-        exchange = await channel.get_exchange(self.settings.outcomes_exchange)
+        exchange = await channel.get_exchange(self.exchange)
         queue = await channel.declare_queue(exclusive=True)
         await queue.bind(exchange, routing_key=self.binding_key)
         await queue.consume(self.messages.put, no_ack=True)

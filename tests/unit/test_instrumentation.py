@@ -78,6 +78,7 @@ def only_event(ctx: OrchestrationContext) -> dict[str, Any]:  # type: ignore[typ
     (message,) = ctx.outbox
     assert message.channel == "event"
     assert message.routing_key == message.body["event"]
+    assert message.message_id == message.body["id"]
     return cast(dict[str, Any], message.body)
 
 

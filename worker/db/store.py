@@ -41,11 +41,13 @@ __all__ = ["PgStore", "ProcessedProposal", "is_transient", "translate_db_error"]
 
 @dataclass(frozen=True)
 class ProcessedProposal:
-    """A proposal id already answered: its body's digest and the outcome it got."""
+    """A proposal id already answered: its body's digest, the outcome it got and
+    the messages its transaction published after commit."""
 
     body_sha256: str
     status: str
     outcome_json: str
+    outbox_json: str = "[]"
 
 
 @dataclass(frozen=True)
@@ -363,13 +365,19 @@ class PgStore:
     async def find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
         p = tables.processed_proposal
         statement = sa.select(
-            p.c.body_sha256, p.c.status, sa.cast(p.c.outcome, sa.Text).label("outcome_json")
+            p.c.body_sha256,
+            p.c.status,
+            sa.cast(p.c.outcome, sa.Text).label("outcome_json"),
+            sa.cast(p.c.outbox, sa.Text).label("outbox_json"),
         ).where(p.c.proposal_id == proposal_id)
         row = (await self._execute(statement)).mappings().first()
         if row is None:
             return None
         return ProcessedProposal(
-            body_sha256=row["body_sha256"], status=row["status"], outcome_json=row["outcome_json"]
+            body_sha256=row["body_sha256"],
+            status=row["status"],
+            outcome_json=row["outcome_json"],
+            outbox_json=row["outbox_json"],
         )
 
     async def record_processed(
@@ -380,8 +388,10 @@ class PgStore:
         run_id: uuid.UUID,
         status: str,
         outcome_json: str,
+        outbox_json: str = "[]",
     ) -> None:
-        """Remember the proposal's outcome (already JSON: the server parses it, once).
+        """Remember the proposal's outcome and outbox (already JSON: the server parses
+        each once).
 
         The same id recorded concurrently (one id used for two runs, so the run
         locks did not serialize them) is a retryable error: the retry finds this
@@ -397,6 +407,7 @@ class PgStore:
                 run_id=run_id,
                 status=status,
                 outcome=sa.cast(sa.literal(outcome_json, sa.Text), JSONB),
+                outbox=sa.cast(sa.literal(outbox_json, sa.Text), JSONB),
             )
             .on_conflict_do_nothing(index_elements=[p.c.proposal_id])
         )

@@ -152,6 +152,8 @@ processed_proposal = sa.Table(
     sa.Column("run_id", UUID(as_uuid=True), nullable=False),
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("outcome", JSONB, nullable=False),
+    # What the transaction asked to publish after commit; a replay publishes it again.
+    sa.Column("outbox", JSONB, nullable=False, server_default=_EMPTY_LIST),
     sa.Column(
         "processed_at", sa.DateTime(timezone=True), nullable=False, server_default=_NOW, index=True
     ),

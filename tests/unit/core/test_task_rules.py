@@ -1569,6 +1569,7 @@ class TestEnqueueScheduledTasks:
                     "state": ctx.validated_state.model_dump(mode="json"),
                     "retry": False,
                 },
+                message_id=str(ctx.validated_state.id),
             )
         ]
         json.dumps(ctx.outbox[0].body)
