@@ -70,7 +70,9 @@ class BaseOrchestrationRule(Generic[ContextT]):
         if await self.invalid():
             return self.context
         entry = self.context.entry_context()
-        before = self._proposed_fingerprint()
+        # Only a rule with its own before-hook can mutate the proposal; skip the dump otherwise.
+        watches = type(self).before_transition is not BaseOrchestrationRule.before_transition
+        before = self._proposed_fingerprint() if watches else None
         try:
             await self.before_transition(*entry)
             self.context.rule_signature.append(str(type(self)))
@@ -82,7 +84,7 @@ class BaseOrchestrationRule(Generic[ContextT]):
             self.context.orchestration_error = exc
             self.context.trace(self.name(), RuleEffect.ABORT, reason)
             return self.context
-        if not self._changed and self._proposed_fingerprint() != before:
+        if watches and not self._changed and self._proposed_fingerprint() != before:
             self._changed = True
             self.context.trace(self.name(), RuleEffect.MUTATE)
         return self.context
