@@ -2,8 +2,10 @@
 against PostgreSQL through the real store (marked ``integration``).
 
 The PostgreSQL variant runs each test inside a transaction that is rolled back, so
-scenarios never see each other's rows. Tests that arrange their scenario by
-writing into the in-memory store's internals (``@pytest.mark.memory_only``) run once.
+scenarios never see each other's rows. In the files of ``_ON_BOTH_STORES`` every test
+that takes ``store`` runs on both, so it arranges and inspects the store only through
+the ``rules.store`` protocols (helpers in ``tests/unit/core/helpers.py``), never through
+``InMemoryStore``'s fields.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     backends: list[object] = ["memory"]
     on_both = Path(str(metafunc.definition.fspath)).name in _ON_BOTH_STORES
-    if on_both and metafunc.definition.get_closest_marker("memory_only") is None:
+    if on_both:
         backends.append(pytest.param("postgres", marks=pytest.mark.integration))
     metafunc.parametrize("store", backends, indirect=True)
 

@@ -1,17 +1,22 @@
 """Helpers shared by the flow- and task-rule scenarios: readable ids, a frozen clock,
-and entering rules by hand as Prefect's own tests do."""
+entering rules by hand as Prefect's own tests do, and arranging or observing a store
+through its public interface only (``rules.store``), so a scenario runs on both stores."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import uuid
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
+
+import pytest
 
 from rules.base import ALL_ORCHESTRATION_STATES, TERMINAL_TYPES, StateTypeOrNone
 from rules.context import OrchestrationContext
 from rules.engine import Orchestrator
 from rules.policy import RuleClass
+from rules.store import Store
 from schemas.states import StateType
 
 # Sorted lists (``None`` sorts as "None") so parametrized ids are deterministic.
@@ -54,3 +59,39 @@ async def apply_rules(
         if validate:
             await ctx.validate_proposed_state()
     return ctx
+
+
+async def hold_slots(store: Store, tag: str, holders: list[str]) -> None:
+    """Make ``holders`` the runs holding ``tag``'s slots, as a claimer writes them: lock, save."""
+    limits = await store.lock_tag_limits([tag])
+    if [limit.tag for limit in limits] != [tag]:
+        raise KeyError(tag)
+    limits[0].active_slots = list(holders)
+    await store.save_tag_limit(limits[0])
+
+
+class CacheInsertionCall(NamedTuple):
+    cache_key: str
+    expiration: dt.datetime | None
+    state_id: uuid.UUID
+
+
+def record_cache_insertions(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> list[CacheInsertionCall]:
+    """Every ``insert_cache_entry`` call made on ``store`` from now on, still passed through.
+
+    An entry whose state is not COMPLETED (or not written) is invisible to
+    ``find_cached_state``, so "nothing was cached" is observed at the interface itself.
+    """
+    calls: list[CacheInsertionCall] = []
+    insert = store.insert_cache_entry
+
+    async def recording_insert(
+        cache_key: str, expiration: dt.datetime | None, state_id: uuid.UUID
+    ) -> None:
+        calls.append(CacheInsertionCall(cache_key, expiration, state_id))
+        await insert(cache_key, expiration, state_id)
+
+    monkeypatch.setattr(store, "insert_cache_entry", recording_insert)
+    return calls

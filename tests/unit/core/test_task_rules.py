@@ -1,4 +1,4 @@
-"""Task-run rules of the core policies, against the in-memory store.
+"""Task-run rules of the core policies, on the in-memory store and on PostgreSQL.
 
 Ported from Prefect's ``tests/server/orchestration/test_core_policy.py``
 (reference §5.2): Prefect's class and test names are kept so a parity table
@@ -31,7 +31,6 @@ from rules.core.task_retries import RenameReruns, RetryFailedTasks, UpdateFlowRu
 from rules.core.task_terminal import HandleTaskTerminalStateTransitions
 from rules.engine import Orchestrator
 from rules.errors import ObjectNotFoundError, OrchestrationError
-from rules.memory import InMemoryStore
 from rules.policy import RuleClass
 from rules.results import SetStateStatus, StateRejectDetails, StateWaitDetails
 from rules.store import AdminStore
@@ -45,6 +44,8 @@ from tests.unit.core.helpers import (
     TERMINAL_STATES,
     apply_rules,
     frozen_orchestrator,
+    hold_slots,
+    record_cache_insertions,
     transition_id,
     type_id,
 )
@@ -89,6 +90,19 @@ def other_types(*excluded: StateType) -> list[StateType]:
     return [t for t in CANONICAL_STATES if t not in excluded]
 
 
+async def _lose_flow_run(store: AdminStore, ctx: TaskOrchestrationContext) -> None:
+    """Make the task's flow run unreadable, as if it had been deleted.
+
+    The store has no delete, so the task run is pointed at a flow run id that was
+    never stored; ``read_flow_run`` answers None for it exactly as for a deleted run
+    (``task_run.flow_run_id`` has no foreign key: a task may arrive before its flow run).
+    """
+    assert await ctx.flow_run() is not None
+    ctx.run.flow_run_id = uuid.uuid4()
+    await store.save_run("task_run", ctx.run)
+    assert await ctx.flow_run() is None
+
+
 async def slots(store: AdminStore, tag: str) -> list[str]:
     """The run ids holding a slot of ``tag``'s limit, through the store's public API."""
     for limit in await store.list_tag_limits():
@@ -108,7 +122,7 @@ class TestCopyTaskParametersID:
         ids=transition_id,
     )
     async def test_task_parameters_id_copied_from_scheduled_to_pending(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """The initial state's task_parameters_id is carried onto the validated state."""
         parameters_id = uuid.uuid4()
@@ -131,7 +145,7 @@ class TestCopyTaskParametersID:
         ids=transition_id,
     )
     async def test_task_parameters_id_not_copied_for_other_transitions(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """The rule does not apply to transitions into anything but PENDING or RUNNING."""
         ctx = await initialize_orchestration(
@@ -149,7 +163,7 @@ class TestCopyTaskParametersID:
         assert ctx.validated_state is not None
         assert ctx.validated_state.state_details.task_parameters_id is None
 
-    async def test_proposed_task_parameters_id_is_kept(self, store: InMemoryStore) -> None:
+    async def test_proposed_task_parameters_id_is_kept(self, store: AdminStore) -> None:
         """A task_parameters_id sent with the proposal is not overwritten."""
         proposed_id = uuid.uuid4()
         ctx = await initialize_orchestration(
@@ -179,7 +193,7 @@ class TestCachingBackendLogic:
     )
     async def test_set_and_retrieve_unexpired_cached_states(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         expiration: dt.datetime | None,
         expected_status: SetStateStatus,
         expected_name: str,
@@ -212,9 +226,11 @@ class TestCachingBackendLogic:
         assert ctx2.validated_state is not None
         assert ctx2.validated_state.name == expected_name
 
-    @pytest.mark.memory_only
-    async def test_cache_insertion_requires_validated_state(self, store: InMemoryStore) -> None:
+    async def test_cache_insertion_requires_validated_state(
+        self, store: AdminStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         """An error raised before validation propagates unchanged through CacheInsertion's exit."""
+        insertions = record_cache_insertions(store, monkeypatch)
         details = {"cache_key": "cache-hit", "cache_expiration": utcnow() - dt.timedelta(days=1)}
         ctx = await initialize_orchestration(
             store,
@@ -233,11 +249,11 @@ class TestCachingBackendLogic:
         with pytest.raises(ValueError, match="this better be mine"):
             await fail_inside_the_rule()
 
-        assert store.cache == []
+        assert insertions == []
 
     @pytest.mark.parametrize("proposed_state_type", other_types(StateType.COMPLETED), ids=type_id)
     async def test_only_cache_completed_states(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """A non-COMPLETED state with a cache key is written but never cached."""
         caching_policy = [CacheInsertion, CacheRetrieval]
@@ -267,20 +283,22 @@ class TestCachingBackendLogic:
 
 
 class TestCacheRetrieval:
-    async def _cache_completed_state(self, store: InMemoryStore, key: str) -> State:
+    async def _cache_completed_state(
+        self, store: AdminStore, key: str, data: object = None
+    ) -> State:
         ctx = await initialize_orchestration(
             store,
             "task",
             StateType.RUNNING,
             StateType.COMPLETED,
             proposed_details={"cache_key": key},
-            proposed_state_data={"value": 42},
+            proposed_state_data={"value": 42} if data is None else data,
         )
         ctx = await apply_rules(ctx, [CacheInsertion])
         assert ctx.validated_state is not None
         return ctx.validated_state
 
-    async def test_cache_hit_is_a_fresh_copy_named_cached(self, store: InMemoryStore) -> None:
+    async def test_cache_hit_is_a_fresh_copy_named_cached(self, store: AdminStore) -> None:
         """A hit rejects into a new COMPLETED "Cached" state stamped now, with the cached data."""
         cached = await self._cache_completed_state(store, "key")
         ctx = await initialize_orchestration(
@@ -302,7 +320,7 @@ class TestCacheRetrieval:
         assert hit.id != cached.id
         assert hit.timestamp == NOW
 
-    async def test_refresh_cache_bypasses_the_lookup(self, store: InMemoryStore) -> None:
+    async def test_refresh_cache_bypasses_the_lookup(self, store: AdminStore) -> None:
         """A proposal with refresh_cache runs even though a cached state exists."""
         await self._cache_completed_state(store, "key")
         ctx = await initialize_orchestration(
@@ -319,12 +337,10 @@ class TestCacheRetrieval:
         assert ctx.validated_state is not None
         assert ctx.validated_state.name == "Running"
 
-    @pytest.mark.memory_only
-    async def test_newest_cache_entry_wins(self, store: InMemoryStore) -> None:
+    async def test_newest_cache_entry_wins(self, store: AdminStore) -> None:
         """Of two live entries under one key, the most recently cached one is served."""
-        await self._cache_completed_state(store, "key")
-        newest = await self._cache_completed_state(store, "key")
-        store.states[newest.id].data = {"value": "newest"}
+        await self._cache_completed_state(store, "key", data={"value": "oldest"})
+        await self._cache_completed_state(store, "key", data={"value": "newest"})
         ctx = await initialize_orchestration(
             store,
             "task",
@@ -340,11 +356,11 @@ class TestCacheRetrieval:
 
 
 class TestCacheInsertion:
-    @pytest.mark.memory_only
     async def test_cache_key_exceeding_maximum_length_rejects_with_the_same_state(
-        self, store: InMemoryStore
+        self, store: AdminStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """An over-long key is REJECTed with the proposed state itself, which is still written."""
+        insertions = record_cache_insertions(store, monkeypatch)
         long_key = "k" * 5000
         ctx = await initialize_orchestration(
             store,
@@ -368,9 +384,12 @@ class TestCacheInsertion:
             StateType.COMPLETED,
         )
         # As in Prefect, the rule stays valid after its same-type reject and caches the key.
-        assert [entry.cache_key for entry in store.cache] == [long_key]
+        assert [entry.cache_key for entry in insertions] == [long_key]
+        cached = await store.find_cached_state(long_key, utcnow())
+        assert cached is not None
+        assert cached.id == proposed_id
 
-    async def test_maximum_cache_key_length_comes_from_settings(self, store: InMemoryStore) -> None:
+    async def test_maximum_cache_key_length_comes_from_settings(self, store: AdminStore) -> None:
         """The limit is ``settings.max_cache_key_length``; a key at the limit is accepted."""
         orchestrator = Orchestrator(settings=RuleSettings(max_cache_key_length=10))
         at_limit = await initialize_orchestration(
@@ -399,11 +418,11 @@ class TestCacheInsertion:
             reason="Cache key exceeded maximum allowed length of 10 characters."
         )
 
-    @pytest.mark.memory_only
     async def test_nothing_is_cached_when_a_later_rule_changes_the_transition(
-        self, store: InMemoryStore
+        self, store: AdminStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A fizzled CacheInsertion inserts no entry."""
+        insertions = record_cache_insertions(store, monkeypatch)
         ctx = await initialize_orchestration(
             store,
             "task",
@@ -415,7 +434,7 @@ class TestCacheInsertion:
         ctx = await apply_rules(ctx, [CacheInsertion, rejecting_rule(StateType.FAILED)])
 
         assert ctx.response_status == SetStateStatus.REJECT
-        assert store.cache == []
+        assert insertions == []
 
 
 class TestUpdatingFlowRunTrackerOnTasks:
@@ -425,7 +444,7 @@ class TestUpdatingFlowRunTrackerOnTasks:
         ids=lambda value: type_id(value),
     )
     async def test_task_runs_track_corresponding_flow_runs(
-        self, store: InMemoryStore, flow_run_count: int, initial_state_type: StateTypeOrNone
+        self, store: AdminStore, flow_run_count: int, initial_state_type: StateTypeOrNone
     ) -> None:
         """After entering RUNNING the task records its flow run's run_count."""
         ctx = await initialize_orchestration(
@@ -440,9 +459,8 @@ class TestUpdatingFlowRunTrackerOnTasks:
 
         assert ctx.run.flow_run_run_count == flow_run_count
 
-    @pytest.mark.memory_only
     async def test_task_run_tracking_raises_informative_errors_on_missing_flow_runs(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A deleted parent flow run raises ObjectNotFoundError and leaves the tracker alone."""
         ctx = await initialize_orchestration(
@@ -454,7 +472,7 @@ class TestUpdatingFlowRunTrackerOnTasks:
 
         with pytest.raises(ObjectNotFoundError, match="Unable to read flow run") as raised:
             async with UpdateFlowRunTrackerOnTasks(ctx, *intended):
-                del store.flow_runs[ctx.run.flow_run_id]
+                await _lose_flow_run(store, ctx)
 
         assert str(raised.value) == (
             f"Unable to read flow run associated with task run: {ctx.run.id}, "
@@ -462,7 +480,7 @@ class TestUpdatingFlowRunTrackerOnTasks:
         )
         assert ctx.run.flow_run_run_count == 1
 
-    async def test_autonomous_task_runs_track_nothing(self, store: InMemoryStore) -> None:
+    async def test_autonomous_task_runs_track_nothing(self, store: AdminStore) -> None:
         """A task without a flow run enters RUNNING without reading any flow run."""
         ctx = await initialize_orchestration(store, "task", StateType.PENDING, StateType.RUNNING)
         ctx.run.flow_run_id = None
@@ -475,21 +493,26 @@ class TestUpdatingFlowRunTrackerOnTasks:
 
 class TestPermitRerunningFailedTaskRuns:
     async def _rerun_context(
-        self, store: InMemoryStore, *, flow_run_count: int, tracked: int, **options: object
+        self, store: AdminStore, *, flow_run_count: int, tracked: int, **options: object
     ) -> TaskOrchestrationContext:
         ctx = await initialize_orchestration(
-            store, "task", StateType.FAILED, StateType.RUNNING, **options
+            store,
+            "task",
+            StateType.FAILED,
+            StateType.RUNNING,
+            flow_run_count=flow_run_count,
+            **options,
         )
         flow_run = await ctx.flow_run()
         assert flow_run is not None
-        flow_run.run_count = flow_run_count
+        assert flow_run.run_count == flow_run_count
         ctx.run.flow_run_run_count = tracked
         ctx.run.run_count = 2
+        await store.save_run("task_run", ctx.run)
         return ctx
 
-    @pytest.mark.memory_only
     async def test_bypasses_terminal_state_rule_if_flow_is_retrying(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A failed task rerun by a newer flow attempt runs as "Retrying" with a fresh run_count."""
         ctx = await self._rerun_context(store, flow_run_count=4, tracked=2, flow_retries=10)
@@ -504,10 +527,7 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Retrying"
         assert ctx.run.flow_run_run_count == 4
 
-    @pytest.mark.memory_only
-    async def test_can_run_again_even_if_exceeding_flow_runs_count(
-        self, store: InMemoryStore
-    ) -> None:
+    async def test_can_run_again_even_if_exceeding_flow_runs_count(self, store: AdminStore) -> None:
         """A failed task may run again within the same flow attempt, without a rename."""
         ctx = await self._rerun_context(
             store, flow_run_count=3, tracked=3, flow_retries=10, initial_state_data="test"
@@ -524,9 +544,8 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Running"
         assert ctx.run.flow_run_run_count == 3
 
-    @pytest.mark.memory_only
     async def test_bypasses_terminal_state_rule_if_configured_automatic_retries_is_exceeded(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A manual rerun works even once the flow's automatic retries are used up."""
         ctx = await self._rerun_context(store, flow_run_count=4, tracked=2, flow_retries=1)
@@ -541,12 +560,11 @@ class TestPermitRerunningFailedTaskRuns:
         assert ctx.proposed_state.name == "Retrying"
         assert ctx.run.flow_run_run_count == 4
 
-    @pytest.mark.memory_only
     @pytest.mark.parametrize(
         "fizzle_into", other_types(StateType.FAILED, StateType.RUNNING), ids=type_id
     )
     async def test_cleans_up_after_invalid_transition(
-        self, store: InMemoryStore, fizzle_into: StateType
+        self, store: AdminStore, fizzle_into: StateType
     ) -> None:
         """When a later rule changes the transition, run_count and the tracker are left alone."""
         ctx = await self._rerun_context(store, flow_run_count=4, tracked=2, flow_retries=10)
@@ -571,7 +589,7 @@ class TestPermitRerunningFailedTaskRuns:
 class TestTaskRetryingRule:
     async def _failing_context(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         *,
         run_count: int,
         retries: int | None,
@@ -598,7 +616,7 @@ class TestTaskRetryingRule:
         assert scheduled_time is not None
         return (scheduled_time - NOW).total_seconds()
 
-    async def test_retry_potential_failures(self, store: InMemoryStore) -> None:
+    async def test_retry_potential_failures(self, store: AdminStore) -> None:
         """A failure with retries left is rejected into a SCHEDULED "AwaitingRetry" state."""
         ctx = await self._failing_context(store, run_count=2, retries=2)
 
@@ -610,7 +628,7 @@ class TestTaskRetryingRule:
         assert ctx.validated_state.type == StateType.SCHEDULED
         assert ctx.validated_state.name == "AwaitingRetry"
 
-    async def test_task_retry_uses_configured_delay(self, store: InMemoryStore) -> None:
+    async def test_task_retry_uses_configured_delay(self, store: AdminStore) -> None:
         """The retry is scheduled retry_delay seconds from now."""
         ctx = await self._failing_context(store, run_count=2, retries=2, retry_delay=10)
 
@@ -620,7 +638,7 @@ class TestTaskRetryingRule:
         assert self._delay_s(ctx) == 10
 
     @pytest.mark.parametrize("retry", [1, 2, 3, 4, 5])
-    async def test_retry_uses_configured_delays(self, store: InMemoryStore, retry: int) -> None:
+    async def test_retry_uses_configured_delays(self, store: AdminStore, retry: int) -> None:
         """A list of delays gives the delay of each attempt in turn."""
         configured_retry_delays = [2, 3, 5, 7, 11]
         ctx = await self._failing_context(
@@ -632,7 +650,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.REJECT
         assert self._delay_s(ctx) == configured_retry_delays[retry - 1]
 
-    async def test_retry_uses_falls_back_to_last_delay(self, store: InMemoryStore) -> None:
+    async def test_retry_uses_falls_back_to_last_delay(self, store: AdminStore) -> None:
         """Attempts beyond the list of delays reuse the last delay."""
         ctx = await self._failing_context(store, run_count=6, retries=6, retry_delay=[2, 3, 5, 7])
 
@@ -642,7 +660,7 @@ class TestTaskRetryingRule:
         assert self._delay_s(ctx) == 7
 
     async def test_retries_can_jitter_sleeps(
-        self, store: InMemoryStore, monkeypatch: pytest.MonkeyPatch
+        self, store: AdminStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """With a jitter factor the delay comes from clamped_poisson_interval."""
 
@@ -659,7 +677,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.REJECT
         assert self._delay_s(ctx) == 100
 
-    async def test_jitter_with_zero_delay_does_not_raise(self, store: InMemoryStore) -> None:
+    async def test_jitter_with_zero_delay_does_not_raise(self, store: AdminStore) -> None:
         """No configured delay with a jitter factor retries immediately."""
         ctx = await self._failing_context(store, run_count=1, retries=2, jitter=0.5)
 
@@ -668,7 +686,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.REJECT
         assert self._delay_s(ctx) == 0
 
-    async def test_stops_retrying_eventually(self, store: InMemoryStore) -> None:
+    async def test_stops_retrying_eventually(self, store: AdminStore) -> None:
         """Once run_count exceeds retries the failure is accepted."""
         ctx = await self._failing_context(store, run_count=3, retries=2)
 
@@ -677,7 +695,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.validated_state_type == StateType.FAILED
 
-    async def test_not_retriable_detail_set(self, store: InMemoryStore) -> None:
+    async def test_not_retriable_detail_set(self, store: AdminStore) -> None:
         """A failure marked retriable=False is final even with retries left."""
         ctx = await self._failing_context(store, run_count=1, retries=2)
         assert ctx.proposed_state is not None
@@ -688,7 +706,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.validated_state_type == StateType.FAILED
 
-    async def test_manual_retry_works_even_when_not_retriable(self, store: InMemoryStore) -> None:
+    async def test_manual_retry_works_even_when_not_retriable(self, store: AdminStore) -> None:
         """A FAILED proposal named "AwaitingRetry" but not retriable is accepted as is."""
         ctx = await self._failing_context(store, run_count=1, retries=1)
         assert ctx.proposed_state is not None
@@ -699,7 +717,7 @@ class TestTaskRetryingRule:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_no_retries_configured_accepts_the_failure(self, store: InMemoryStore) -> None:
+    async def test_no_retries_configured_accepts_the_failure(self, store: AdminStore) -> None:
         """retries=None means no retry at all."""
         ctx = await self._failing_context(store, run_count=1, retries=None)
 
@@ -708,7 +726,7 @@ class TestTaskRetryingRule:
         assert ctx.response_status == SetStateStatus.ACCEPT
 
     async def test_retry_state_carries_the_failure_message_and_data(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """AwaitingRetry keeps the failed state's message and data."""
         ctx = await self._failing_context(store, run_count=1, retries=1)
@@ -722,7 +740,7 @@ class TestTaskRetryingRule:
         assert ctx.validated_state.message == "boom"
         assert ctx.validated_state.data == {"type": "unpersisted"}
 
-    async def test_unpatched_jitter_stays_within_the_clamps(self, store: InMemoryStore) -> None:
+    async def test_unpatched_jitter_stays_within_the_clamps(self, store: AdminStore) -> None:
         """A real jittered delay lies between the lower and upper clamps of the base delay."""
         ctx = await self._failing_context(store, run_count=1, retries=1, retry_delay=10, jitter=0.3)
 
@@ -733,7 +751,7 @@ class TestTaskRetryingRule:
 
 class TestRenameRetryingStates:
     async def _rename(
-        self, store: InMemoryStore, *, run_count: int, initial_name: str | None = None
+        self, store: AdminStore, *, run_count: int, initial_name: str | None = None
     ) -> TaskOrchestrationContext:
         ctx = await initialize_orchestration(
             store,
@@ -749,21 +767,21 @@ class TestRenameRetryingStates:
         assert ctx.validated_state_type == StateType.RUNNING
         return ctx
 
-    async def test_rerun_states_get_renamed(self, store: InMemoryStore) -> None:
+    async def test_rerun_states_get_renamed(self, store: AdminStore) -> None:
         """A RUNNING proposal of a run that already ran is named "Rerunning"."""
         ctx = await self._rename(store, run_count=2)
 
         assert ctx.validated_state is not None
         assert ctx.validated_state.name == "Rerunning"
 
-    async def test_retried_states_get_renamed(self, store: InMemoryStore) -> None:
+    async def test_retried_states_get_renamed(self, store: AdminStore) -> None:
         """A RUNNING proposal right after "AwaitingRetry" is named "Retrying"."""
         ctx = await self._rename(store, run_count=2, initial_name="AwaitingRetry")
 
         assert ctx.validated_state is not None
         assert ctx.validated_state.name == "Retrying"
 
-    async def test_no_rename_on_first_run(self, store: InMemoryStore) -> None:
+    async def test_no_rename_on_first_run(self, store: AdminStore) -> None:
         """A first RUNNING keeps its name."""
         ctx = await self._rename(store, run_count=0)
 
@@ -787,7 +805,7 @@ class TestTransitionsFromTerminalStatesRuleForTasks:
         ids=transition_id,
     )
     async def test_transitions_from_terminal_states_to_crashed_are_aborted(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """A terminal task cannot crash afterwards."""
         ctx = await initialize_orchestration(store, "task", *intended_transition)
@@ -802,7 +820,7 @@ class TestTransitionsFromTerminalStatesRuleForTasks:
         ids=transition_id,
     )
     async def test_transitions_from_terminal_states_to_cancelling_are_aborted(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """A terminal task cannot be cancelled afterwards."""
         ctx = await initialize_orchestration(store, "task", *intended_transition)
@@ -817,7 +835,7 @@ class TestTransitionsFromTerminalStatesRuleForTasks:
     @pytest.mark.parametrize("intended_transition", completed_to_non_final, ids=transition_id)
     async def test_transitions_from_completed_to_non_final_states_allowed_without_persisted_result(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         intended_transition: tuple[StateType, StateType],
         initial_data: dict[str, str] | None,
     ) -> None:
@@ -832,7 +850,7 @@ class TestTransitionsFromTerminalStatesRuleForTasks:
 
     @pytest.mark.parametrize("intended_transition", completed_to_non_final, ids=transition_id)
     async def test_transitions_from_completed_to_non_final_states_rejected_with_persisted_result(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """A COMPLETED task with a persisted result stays COMPLETED."""
         ctx = await initialize_orchestration(
@@ -846,7 +864,7 @@ class TestTransitionsFromTerminalStatesRuleForTasks:
     @pytest.mark.parametrize("intended_transition", active_transitions, ids=transition_id)
     async def test_does_not_block_transitions_from_non_terminal_states(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         intended_transition: tuple[StateTypeOrNone, StateType],
     ) -> None:
         """The rule does not apply to runs that are not in a terminal state."""
@@ -878,7 +896,7 @@ class TestHandleTaskTerminalStateTransitions:
     )
     async def test_abort_reason_names_the_terminal_type(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         intended_transition: tuple[StateType, StateType],
         reason: str,
     ) -> None:
@@ -896,7 +914,7 @@ class TestHandleTaskTerminalStateTransitions:
         ids=type_id,
     )
     async def test_persisted_completed_result_blocks_every_target(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """Unlike flows, a persisted COMPLETED task also refuses final targets (null reject)."""
         ctx = await initialize_orchestration(
@@ -913,7 +931,7 @@ class TestHandleTaskTerminalStateTransitions:
         assert ctx.response_details == StateRejectDetails(reason="This run is already completed.")
         assert ctx.validated_state_type == StateType.COMPLETED
 
-    async def test_leaving_a_terminal_state_resets_run_count(self, store: InMemoryStore) -> None:
+    async def test_leaving_a_terminal_state_resets_run_count(self, store: AdminStore) -> None:
         """A terminal → non-final move gives the task its retry budget back."""
         ctx = await initialize_orchestration(store, "task", StateType.FAILED, StateType.SCHEDULED)
         ctx.run.run_count = 3
@@ -923,7 +941,7 @@ class TestHandleTaskTerminalStateTransitions:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.run.run_count == 0
 
-    async def test_final_to_final_keeps_run_count(self, store: InMemoryStore) -> None:
+    async def test_final_to_final_keeps_run_count(self, store: AdminStore) -> None:
         """A terminal → terminal move leaves run_count alone."""
         ctx = await initialize_orchestration(store, "task", StateType.FAILED, StateType.COMPLETED)
         ctx.run.run_count = 3
@@ -934,7 +952,7 @@ class TestHandleTaskTerminalStateTransitions:
         assert ctx.run.run_count == 3
 
     async def test_non_dict_completed_data_aborts_through_the_error_path(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """Scalar COMPLETED data fails the rule (Prefect's .get) and run_count is restored."""
         ctx = await initialize_orchestration(
@@ -959,7 +977,7 @@ class TestTaskConcurrencyLimits:
 
     async def _start(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         tags: list[str],
         rules: Sequence[RuleClass] | None = None,
         transition: tuple[StateType, StateType] = (StateType.PENDING, StateType.RUNNING),
@@ -973,7 +991,7 @@ class TestTaskConcurrencyLimits:
         ctx = await initialize_orchestration(store, "task", initial, proposed, **options)
         return await apply_rules(ctx, rules if rules is not None else self.concurrency_policy)
 
-    async def test_basic_concurrency_limiting(self, store: InMemoryStore) -> None:
+    async def test_basic_concurrency_limiting(self, store: AdminStore) -> None:
         """A full tag makes the next run WAIT until the holder completes."""
         await store.upsert_tag_limit("some tag", 1)
 
@@ -993,7 +1011,7 @@ class TestTaskConcurrencyLimits:
         assert task2_retry.response_status == SetStateStatus.ACCEPT
         assert await slots(store, "some tag") == [str(task2.run.id)]
 
-    async def test_concurrency_limit_cancelling_transition(self, store: InMemoryStore) -> None:
+    async def test_concurrency_limit_cancelling_transition(self, store: AdminStore) -> None:
         """CANCELLING keeps the slot; CANCELLED gives it back."""
         await store.upsert_tag_limit("some tag", 1)
 
@@ -1019,7 +1037,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "some tag")) == 1
 
     async def test_concurrency_limiting_aborts_transitions_with_zero_limit(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A limit of 0 ABORTs instead of making the client wait forever."""
         await store.upsert_tag_limit("the worst limit", 0)
@@ -1036,7 +1054,7 @@ class TestTaskConcurrencyLimits:
         "fizzle_into", other_types(StateType.PENDING, StateType.RUNNING), ids=type_id
     )
     async def test_returning_concurrency_slots_on_fizzle(
-        self, store: InMemoryStore, fizzle_into: StateType
+        self, store: AdminStore, fizzle_into: StateType
     ) -> None:
         """A slot claimed for a transition that a later rule changes is given back."""
         await store.upsert_tag_limit("a nice little limit", 1)
@@ -1050,7 +1068,7 @@ class TestTaskConcurrencyLimits:
         assert ctx.response_status == SetStateStatus.REJECT
         assert len(await slots(store, "a nice little limit")) == 0
 
-    async def test_one_run_wont_consume_multiple_slots(self, store: InMemoryStore) -> None:
+    async def test_one_run_wont_consume_multiple_slots(self, store: AdminStore) -> None:
         """The same run entering RUNNING twice holds one slot."""
         await store.upsert_tag_limit("a generous limit", 10)
 
@@ -1062,7 +1080,7 @@ class TestTaskConcurrencyLimits:
         assert duplicate.response_status == SetStateStatus.ACCEPT
         assert len(await slots(store, "a generous limit")) == 1
 
-    async def test_task_restart_does_not_consume_multiple_slots(self, store: InMemoryStore) -> None:
+    async def test_task_restart_does_not_consume_multiple_slots(self, store: AdminStore) -> None:
         """RUNNING → RUNNING does not take a second slot."""
         await store.upsert_tag_limit("a generous limit", 10)
         assert len(await slots(store, "a generous limit")) == 0
@@ -1082,7 +1100,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "a generous limit")) == 1
 
     async def test_concurrency_race_condition_new_tags_arent_double_counted(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A limit created after a run started does not count that run, before or after it ends."""
         tags = ["primary tag", "secondary tag"]
@@ -1111,7 +1129,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "secondary tag")) == 0
 
     async def test_concurrency_race_condition_deleted_tags_dont_impact_execution(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """Deleting the limit that blocked a run lets the next run start."""
         tags = ["big limit", "small limit"]
@@ -1131,7 +1149,7 @@ class TestTaskConcurrencyLimits:
         assert task3.response_status == SetStateStatus.ACCEPT
 
     async def test_concurrency_race_condition_limit_increases_dont_impact_execution(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """Raising a limit admits more runs while the existing holder keeps its slot."""
         await store.upsert_tag_limit("changing limit", 1)
@@ -1146,7 +1164,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "changing limit")) == 2
 
     async def test_concurrency_race_condition_limit_decreases_impact_new_runs(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """Lowering a limit to its current usage makes new runs WAIT."""
         await store.upsert_tag_limit("shrinking limit", 2)
@@ -1161,7 +1179,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "shrinking limit")) == 1
 
     async def test_concurrency_race_condition_limit_decreases_dont_impact_existing_runs(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A holder completes and releases normally after its limit was lowered to 0."""
         await store.upsert_tag_limit("shrinking limit", 2)
@@ -1182,7 +1200,7 @@ class TestTaskConcurrencyLimits:
         ids=type_id,
     )
     async def test_returning_concurrency_slots_when_transitioning_out_of_running_even_on_fizzle(
-        self, store: InMemoryStore, fizzle_into: StateType
+        self, store: AdminStore, fizzle_into: StateType
     ) -> None:
         """With Release first, a rejected move out of RUNNING still gives the slot back."""
         await store.upsert_tag_limit("small", 1)
@@ -1209,7 +1227,7 @@ class TestTaskConcurrencyLimits:
     )
     # Prefect's test name, kept for the parity table, is longer than the line limit.
     async def test_returning_concurrency_slots_when_transitioning_out_of_running_even_on_invalidation(  # noqa: E501
-        self, store: InMemoryStore, fizzle_into: StateType
+        self, store: AdminStore, fizzle_into: StateType
     ) -> None:
         """With Release last, a rejected move out of RUNNING still gives the slot back."""
         await store.upsert_tag_limit("small", 1)
@@ -1230,7 +1248,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "small")) == 0
 
     async def test_releasing_concurrency_slots_does_not_happen_if_nullified_with_release_first(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """An aborted move out of RUNNING keeps the slot (Release entered first)."""
         await store.upsert_tag_limit("small", 1)
@@ -1249,7 +1267,7 @@ class TestTaskConcurrencyLimits:
         assert len(await slots(store, "small")) == 1
 
     async def test_releasing_concurrency_slots_does_not_happen_if_nullified_with_release_last(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """An aborted move out of RUNNING keeps the slot (Release entered last)."""
         await store.upsert_tag_limit("small", 1)
@@ -1273,7 +1291,7 @@ class TestSecureTaskConcurrencySlots:
 
     async def _propose_running(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         tags: list[str],
         transition: tuple[StateType, StateType] = (StateType.PENDING, StateType.RUNNING),
         **options: object,
@@ -1284,13 +1302,13 @@ class TestSecureTaskConcurrencySlots:
         )
         return await apply_rules(ctx, [SecureTaskConcurrencySlots, ReleaseTaskConcurrencySlots])
 
-    async def _fill(self, store: InMemoryStore, tag: str, limit: int) -> None:
+    async def _fill(self, store: AdminStore, tag: str, limit: int) -> None:
         await store.upsert_tag_limit(tag, limit)
-        store.tag_limits[tag].active_slots = [str(uuid.uuid4()) for _ in range(limit)]
+        await hold_slots(store, tag, [str(uuid.uuid4()) for _ in range(limit)])
+        assert len(await slots(store, tag)) == limit
 
-    @pytest.mark.memory_only
     async def test_wait_on_a_later_tag_frees_the_slot_claimed_on_an_earlier_tag(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A WAIT on the second tag leaves the first tag's slot free."""
         await store.upsert_tag_limit("a", 5)
@@ -1302,7 +1320,7 @@ class TestSecureTaskConcurrencySlots:
         assert await slots(store, "a") == []
 
     async def test_abort_on_a_later_tag_frees_the_slot_claimed_on_an_earlier_tag(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """An ABORT on the second tag leaves the first tag's slot free."""
         await store.upsert_tag_limit("a", 5)
@@ -1313,10 +1331,9 @@ class TestSecureTaskConcurrencySlots:
         assert ctx.response_status == SetStateStatus.ABORT
         assert await slots(store, "a") == []
 
-    @pytest.mark.memory_only
     @pytest.mark.parametrize("blocking_limit", [0, 1], ids=["abort", "wait"])
     async def test_blocked_proposal_does_not_claim_later_tags(
-        self, store: InMemoryStore, blocking_limit: int
+        self, store: AdminStore, blocking_limit: int
     ) -> None:
         """Tags after the blocking one are not processed, so their slots stay free."""
         await self._fill(store, "a", blocking_limit)
@@ -1327,8 +1344,7 @@ class TestSecureTaskConcurrencySlots:
         assert ctx.response_status in (SetStateStatus.ABORT, SetStateStatus.WAIT)
         assert await slots(store, "b") == []
 
-    @pytest.mark.memory_only
-    async def test_first_blocking_tag_decides_the_outcome(self, store: InMemoryStore) -> None:
+    async def test_first_blocking_tag_decides_the_outcome(self, store: AdminStore) -> None:
         """A zero limit on the first tag ABORTs even though a later tag is full."""
         await store.upsert_tag_limit("a", 0)
         await self._fill(store, "b", 1)
@@ -1337,9 +1353,8 @@ class TestSecureTaskConcurrencySlots:
 
         assert ctx.response_status == SetStateStatus.ABORT
 
-    @pytest.mark.memory_only
     async def test_wait_uses_the_configured_delay_and_names_the_tag(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A full tag WAITs settings.tag_concurrency_slot_wait_s seconds."""
         await self._fill(store, "busy", 1)
@@ -1352,8 +1367,7 @@ class TestSecureTaskConcurrencySlots:
             delay_seconds=7, reason="Concurrency limit for the busy tag has been reached"
         )
 
-    @pytest.mark.memory_only
-    async def test_default_wait_is_ten_seconds(self, store: InMemoryStore) -> None:
+    async def test_default_wait_is_ten_seconds(self, store: AdminStore) -> None:
         """Prefect's default tag wait is 10 s."""
         await self._fill(store, "busy", 1)
 
@@ -1362,9 +1376,7 @@ class TestSecureTaskConcurrencySlots:
         assert isinstance(ctx.response_details, StateWaitDetails)
         assert ctx.response_details.delay_seconds == 10
 
-    async def test_blocked_restart_keeps_the_slots_it_already_held(
-        self, store: InMemoryStore
-    ) -> None:
+    async def test_blocked_restart_keeps_the_slots_it_already_held(self, store: AdminStore) -> None:
         """A RUNNING → RUNNING restart that is blocked keeps slots held before this call."""
         await store.upsert_tag_limit("a", 5)
         await store.upsert_tag_limit("b", 1)
@@ -1383,7 +1395,7 @@ class TestSecureTaskConcurrencySlots:
         assert await slots(store, "a") == [str(task1.run.id)]
         assert await slots(store, "b") == [str(task1.run.id)]
 
-    async def test_untagged_runs_are_not_limited(self, store: InMemoryStore) -> None:
+    async def test_untagged_runs_are_not_limited(self, store: AdminStore) -> None:
         """A run without tags enters RUNNING whatever limits exist."""
         await store.upsert_tag_limit("a", 0)
 
@@ -1393,7 +1405,7 @@ class TestSecureTaskConcurrencySlots:
 
 
 class TestReleaseTaskConcurrencySlots:
-    async def test_retry_releases_the_slot(self, store: InMemoryStore) -> None:
+    async def test_retry_releases_the_slot(self, store: AdminStore) -> None:
         """A failure turned into AwaitingRetry releases the slot: the written state is SCHEDULED."""
         await store.upsert_tag_limit("small", 1)
         running = await initialize_orchestration(
@@ -1415,14 +1427,13 @@ class TestReleaseTaskConcurrencySlots:
         assert failing.validated_state.name == "AwaitingRetry"
         assert await slots(store, "small") == []
 
-    @pytest.mark.memory_only
-    async def test_nullified_transitions_release_nothing(self, store: InMemoryStore) -> None:
+    async def test_nullified_transitions_release_nothing(self, store: AdminStore) -> None:
         """An aborted transition releases nothing even when the current state is not RUNNING."""
         await store.upsert_tag_limit("small", 1)
         ctx = await initialize_orchestration(
             store, "task", StateType.PENDING, StateType.RUNNING, run_tags=["small"]
         )
-        store.tag_limits["small"].active_slots = [str(ctx.run.id)]
+        await hold_slots(store, "small", [str(ctx.run.id)])
 
         ctx = await apply_rules(ctx, [AbortingRule, ReleaseTaskConcurrencySlots])
 
@@ -1432,7 +1443,7 @@ class TestReleaseTaskConcurrencySlots:
 
 
 class TestPreventRunningTasksFromStoppedFlows:
-    async def test_allows_task_runs_to_run(self, store: InMemoryStore) -> None:
+    async def test_allows_task_runs_to_run(self, store: AdminStore) -> None:
         """A task of a RUNNING flow may run."""
         ctx = await initialize_orchestration(
             store,
@@ -1451,7 +1462,7 @@ class TestPreventRunningTasksFromStoppedFlows:
         "initial_flow_run_state_type", other_types(StateType.RUNNING), ids=type_id
     )
     async def test_prevents_tasks_From_running(
-        self, store: InMemoryStore, initial_flow_run_state_type: StateType
+        self, store: AdminStore, initial_flow_run_state_type: StateType
     ) -> None:
         """A paused flow parks its tasks in PAUSED; any other non-running flow aborts them."""
         ctx = await initialize_orchestration(
@@ -1474,7 +1485,7 @@ class TestPreventRunningTasksFromStoppedFlows:
             )
             assert ctx.validated_state_type == StateType.PENDING
 
-    async def test_does_not_reuse_state_pk_from_paused_flow_run(self, store: InMemoryStore) -> None:
+    async def test_does_not_reuse_state_pk_from_paused_flow_run(self, store: AdminStore) -> None:
         """The task gets a new "NotReady" state with the flow's pause timeout and reschedule."""
         pause_timeout = utcnow() + dt.timedelta(minutes=10)
         ctx = await initialize_orchestration(
@@ -1506,7 +1517,7 @@ class TestPreventRunningTasksFromStoppedFlows:
         assert paused.state_details.pause_timeout == pause_timeout
         assert paused.state_details.pause_reschedule is True
 
-    async def test_aborts_when_the_flow_run_has_no_state(self, store: InMemoryStore) -> None:
+    async def test_aborts_when_the_flow_run_has_no_state(self, store: AdminStore) -> None:
         """A flow run that has no state yet is not running."""
         ctx = await initialize_orchestration(store, "task", StateType.PENDING, StateType.RUNNING)
 
@@ -1514,7 +1525,7 @@ class TestPreventRunningTasksFromStoppedFlows:
 
         assert ctx.response_status == SetStateStatus.ABORT
 
-    async def test_allows_autonomous_task_runs(self, store: InMemoryStore) -> None:
+    async def test_allows_autonomous_task_runs(self, store: AdminStore) -> None:
         """A task without a flow run is not restricted."""
         ctx = await initialize_orchestration(store, "task", StateType.PENDING, StateType.RUNNING)
         ctx.run.flow_run_id = None
@@ -1523,12 +1534,10 @@ class TestPreventRunningTasksFromStoppedFlows:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    @pytest.mark.memory_only
-    async def test_allows_tasks_whose_flow_run_cannot_be_read(self, store: InMemoryStore) -> None:
+    async def test_allows_tasks_whose_flow_run_cannot_be_read(self, store: AdminStore) -> None:
         """A task whose flow run has disappeared is not restricted by this rule."""
         ctx = await initialize_orchestration(store, "task", StateType.PENDING, StateType.RUNNING)
-        assert ctx.run.flow_run_id is not None
-        del store.flow_runs[ctx.run.flow_run_id]
+        await _lose_flow_run(store, ctx)
 
         ctx = await apply_rules(ctx, [PreventRunningTasksFromStoppedFlows])
 
@@ -1538,7 +1547,7 @@ class TestPreventRunningTasksFromStoppedFlows:
 class TestEnqueueScheduledTasks:
     async def _schedule(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         *,
         deferred: bool,
         name: str | None = None,
@@ -1554,7 +1563,7 @@ class TestEnqueueScheduledTasks:
         )
         return await apply_rules(ctx, [EnqueueScheduledTasks, *extra_rules])
 
-    async def test_deferred_scheduled_state_is_enqueued(self, store: InMemoryStore) -> None:
+    async def test_deferred_scheduled_state_is_enqueued(self, store: AdminStore) -> None:
         """A written deferred SCHEDULED state puts one task_run message in the outbox."""
         ctx = await self._schedule(store, deferred=True)
 
@@ -1574,13 +1583,13 @@ class TestEnqueueScheduledTasks:
         ]
         json.dumps(ctx.outbox[0].body)
 
-    async def test_awaiting_retry_is_flagged_as_a_retry(self, store: InMemoryStore) -> None:
+    async def test_awaiting_retry_is_flagged_as_a_retry(self, store: AdminStore) -> None:
         """A deferred "AwaitingRetry" state is enqueued with retry set."""
         ctx = await self._schedule(store, deferred=True, name="AwaitingRetry")
 
         assert [message.body["retry"] for message in ctx.outbox] == [True]
 
-    async def test_non_deferred_scheduled_state_is_not_enqueued(self, store: InMemoryStore) -> None:
+    async def test_non_deferred_scheduled_state_is_not_enqueued(self, store: AdminStore) -> None:
         """An ordinary SCHEDULED state is left to its executor."""
         ctx = await self._schedule(store, deferred=False)
 
@@ -1588,7 +1597,7 @@ class TestEnqueueScheduledTasks:
         assert ctx.outbox == []
 
     async def test_nothing_is_enqueued_when_the_state_is_not_written(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """An aborted deferred SCHEDULED proposal enqueues nothing."""
         ctx = await self._schedule(store, deferred=True, extra_rules=[AbortingRule])
