@@ -19,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import (
     FlowRunPolicy,
@@ -181,6 +184,18 @@ async def drive(
     return executor, recorder
 
 
+def scrape_metrics(port: int) -> float:
+    """The proposals a worker settled, as its Prometheus endpoint counts them."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "arbiter_outcomes_total"
+    )
+
+
 def table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max([len(k) for k, _ in rows] + [len(title)])
     print(f"\n{title}")
@@ -205,7 +220,9 @@ def main() -> int:
         amqp_env="ARBITER_AMQP_URL", database_env="ARBITER_DATABASE_URL"
     ) as services:
         print(f"   ready in {time.perf_counter() - began:.1f} s", flush=True)
-        settings = Settings(amqp_url=services.amqp_url, database_url=services.database_url)
+        settings = Settings(
+            amqp_url=services.amqp_url, database_url=services.database_url, metrics_port=0
+        )
         env = settings_env(settings)
         arbiter = [sys.executable, "-m", "worker.cli"]
         print("== arbiter migrate", flush=True)
@@ -225,6 +242,7 @@ def main() -> int:
                 drive(settings, args.flows, args.tasks_per_flow, args.in_flight)
             )
             elapsed = recorder.elapsed_s()
+            scraped = [scrape_metrics(port) for port in pool.ports if port is not None]
             codes = pool.stop()
         print("\n== arbiter limits ls", flush=True)
         subprocess.run([*arbiter, "limits", "ls"], env=env, check=True)
@@ -245,6 +263,10 @@ def main() -> int:
         ],
     )
     table("Outcomes", sorted(recorder.statuses.items()))  # type: ignore[arg-type]
+    table(
+        "Settled per worker (from each worker's /metrics)",
+        [(f"worker {i}", f"{int(counts):d}") for i, counts in enumerate(scraped)],
+    )
     table("Final flow-run states", [(k, str(v)) for k, v in executor.final_flows.most_common()])
     table("Final task-run states", [(k, str(v)) for k, v in executor.final_tasks.most_common()])
     table(

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -39,6 +40,7 @@ from rules.engine import Orchestrator
 from schemas import Outcome
 from worker.db.store import PgStore, is_transient
 from worker.decode import Decoded, Invalid, decode_proposal
+from worker.metrics import WorkerMetrics
 from worker.outcomes import invalid_outcome
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
@@ -51,7 +53,7 @@ PURGE_INTERVAL_S = 600.0
 
 @dataclass
 class WorkerStats:
-    """Counters a worker keeps for its logs and its metrics endpoint."""
+    """Counters a worker keeps for the line it logs when it stops."""
 
     processed: int = 0
     replayed: int = 0
@@ -69,12 +71,14 @@ class Consumer:
         engine: AsyncEngine,
         orchestrator: Orchestrator,
         connection: AbstractRobustConnection,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.orchestrator = orchestrator
         self.connection = connection
         self.stats = WorkerStats()
+        self.metrics = metrics or WorkerMetrics()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._topology: Topology | None = None
@@ -107,13 +111,18 @@ class Consumer:
             self._in_flight.add(task)
         try:
             async with self._slots:
-                await self.handle(message)
+                self.metrics.in_flight.inc()
+                try:
+                    await self.handle(message)
+                finally:
+                    self.metrics.in_flight.dec()
         finally:
             if task is not None:
                 self._in_flight.discard(task)
 
     async def handle(self, message: AbstractIncomingMessage) -> None:
         """Decode, process, publish, settle: the whole life of one delivery."""
+        started = time.perf_counter()
         decoded = decode_proposal(
             message.body,
             content_type=message.content_type,
@@ -128,6 +137,7 @@ class Consumer:
         except Exception:
             log.exception("proposal %s: giving up for now, requeued", decoded.proposal.proposal_id)
             self.stats.requeued += 1
+            self.metrics.requeued.inc()
             await message.nack(requeue=True)
             return
         if processed.invalid is not None:
@@ -142,11 +152,17 @@ class Consumer:
             # outcome and outbox, so nothing is lost; consumers dedupe by message id.
             log.exception("proposal %s: publishing failed, requeued", decoded.proposal.proposal_id)
             self.stats.requeued += 1
+            self.metrics.requeued.inc()
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
             return
         await message.ack()
         self._count(processed)
+        self.metrics.settled(
+            processed.outcome,
+            replayed=processed.replayed,
+            seconds=time.perf_counter() - started,
+        )
 
     async def _process_with_retries(self, decoded: Decoded) -> Processed:
         retrying = AsyncRetrying(
@@ -185,6 +201,7 @@ class Consumer:
         await self._with_retries(lambda: self._topology_publish_dead(dead))
         await message.ack()
         self.stats.invalid += 1
+        self.metrics.refused(outcome, invalid.code.value)
         log.warning(
             "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
         )
@@ -258,15 +275,36 @@ class Consumer:
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
     """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code."""
-    from worker.runtime import build_runtime
+    from worker.runtime import ServiceError
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
+    metrics = WorkerMetrics()
+    if settings.metrics_port is not None:
+        try:
+            port = metrics.serve(settings.metrics_port)
+        except OSError as exc:
+            message = f"ARBITER_METRICS_PORT: cannot serve metrics on port {settings.metrics_port}"
+            raise ServiceError(f"{message}: {exc.strerror or exc}") from None
+        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+    try:
+        return await _consume_until_stopped(settings, metrics, stop)
+    finally:
+        metrics.close()
+
+
+async def _consume_until_stopped(
+    settings: Settings, metrics: WorkerMetrics, stop: asyncio.Event
+) -> int:
+    from worker.runtime import build_runtime
+
     async with build_runtime(settings) as runtime:
-        consumer = Consumer(settings, runtime.engine, runtime.orchestrator, runtime.connection)
+        consumer = Consumer(
+            settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
+        )
         await consumer.start()
         purger = asyncio.create_task(consumer.purge_forever())
         await stop.wait()

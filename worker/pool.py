@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,18 +35,34 @@ class WorkerPool:
         self.log_dir = log_dir
         self.concurrency = concurrency
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.ports: list[int | None] = []  # each worker's metrics port, if it serves one
 
     def start(self) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "worker.cli", "worker"]
         if self.concurrency is not None:
             command += ["--concurrency", str(self.concurrency)]
+        env = settings_env(self.settings)
+        port = self.metrics_port(len(self.procs))
+        if port is not None:
+            env["ARBITER_METRICS_PORT"] = str(port)
+        self.ports.append(port)
         with open(self.log_dir / f"worker-{len(self.procs)}.log", "wb") as log:
-            proc = subprocess.Popen(
-                command, env=settings_env(self.settings), stdout=log, stderr=subprocess.STDOUT
-            )
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
+
+    def metrics_port(self, index: int) -> int | None:
+        """Worker ``index`` serves metrics on ``ARBITER_METRICS_PORT`` + ``index``; with 0,
+        on a port free now (so the caller knows where to scrape)."""
+        base = self.settings.metrics_port
+        if base is None:
+            return None
+        if base == 0:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                return int(probe.getsockname()[1])
+        return base + index
 
     def stop(self, timeout_s: float = 30) -> list[int]:
         """SIGTERM every live worker and collect exit codes (killing stragglers)."""

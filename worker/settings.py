@@ -41,4 +41,5 @@ class Settings(BaseSettings):
     tag_concurrency_slot_wait_s: int = Field(default=10, ge=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    metrics_port: int | None = None
+    # Prometheus /metrics on this port when set (0: any free port, logged at start-up).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)

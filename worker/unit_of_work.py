@@ -77,6 +77,15 @@ async def _lock_or_create(
     if new_run is None:
         message = f"no {kind} {proposal.run_id} exists and the proposal carries no `run`"
         return None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
+    if isinstance(new_run, TaskRun) and new_run.flow_run_id is not None:
+        # Prefect's foreign key: a task run belongs to a flow run that exists (else 404).
+        parent_kind = await store.run_kind_of(new_run.flow_run_id)
+        if parent_kind != "flow_run":
+            message = (
+                f"task run {proposal.run_id} names flow run {new_run.flow_run_id},"
+                f" which {'is a task run' if parent_kind else 'does not exist'}"
+            )
+            return None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
     await store.create_run_if_absent(kind, new_run)
     return await store.lock_run(kind, proposal.run_id), None
 

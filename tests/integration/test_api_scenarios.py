@@ -21,6 +21,7 @@ from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import (
+    ErrorCode,
     FlowRun,
     FlowRunPolicy,
     FlowRunSpec,
@@ -777,15 +778,15 @@ async def test_an_over_long_cache_key_rejects_the_transition(
     assert await history(pg_engine, "task_run", task_run_id) == [("COMPLETED", "Test State")]
 
 
-async def test_running_a_task_of_a_missing_flow_run_is_aborted(
+async def test_a_task_of_a_missing_flow_run_is_refused(
     client: ArbiterClient, pg_engine: AsyncEngine
 ) -> None:
-    """RUNNING for a task run whose flow_run_id names no flow run is aborted; nothing is written.
+    """RUNNING for a new task run whose flow_run_id names no flow run is INVALID unknown_run;
+    nothing is written.
 
     Arbiter's analogue of ``TestSetTaskRunState::test_set_task_run_state_returns_404_on_
-    missing_flow_run``: UpdateFlowRunTrackerOnTasks cannot read the flow run, the
-    transaction rolls back (so the task run is not even created) and a stored ABORT names
-    the error."""
+    missing_flow_run``: in Prefect a foreign key forbids such a task run, so every call
+    answers 404; here the proposal is refused before any rule runs."""
     task_run_id = uuid.uuid4()
     missing_flow_run_id = uuid.uuid4()
 
@@ -796,10 +797,11 @@ async def test_running_a_task_of_a_missing_flow_run_is_aborted(
         run=TaskRunSpec(flow_run_id=missing_flow_run_id, task_key="k"),
     )
 
-    assert outcome.status is OutcomeStatus.ABORT
-    assert outcome.details.reason == (
-        "Aborting orchestration due to error: ObjectNotFoundError('Unable to read flow run "
-        f"associated with task run: {task_run_id}, this flow run might have been deleted')"
+    assert outcome.status is OutcomeStatus.INVALID
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.UNKNOWN_RUN
+    assert outcome.error.message == (
+        f"task run {task_run_id} names flow run {missing_flow_run_id}, which does not exist"
     )
     run, states = await show_run(pg_engine, "task_run", task_run_id)
     assert (run, states) == (None, [])

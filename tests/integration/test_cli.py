@@ -100,6 +100,9 @@ def test_runs_show_of_an_unknown_run_fails_cleanly(settings: Settings) -> None:
             id="wrong-database-scheme",
         ),
         pytest.param({"ARBITER_PREFETCH": "lots"}, "ARBITER_PREFETCH", id="invalid-setting"),
+        pytest.param(
+            {"ARBITER_METRICS_PORT": "70000"}, "ARBITER_METRICS_PORT", id="port-out-of-range"
+        ),
     ],
 )
 def test_a_misconfiguration_is_one_clear_line(

@@ -11,7 +11,15 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from schemas import ErrorCode, FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
+from schemas import (
+    ErrorCode,
+    FlowRunSpec,
+    Outcome,
+    OutcomeStatus,
+    ProposedState,
+    StateType,
+    TaskRunSpec,
+)
 from tests.fixtures.services import isolated_settings
 from tests.integration.test_worker_roundtrip import (
     OutcomeTap,
@@ -116,6 +124,44 @@ async def test_unknown_run(settings: Settings, tap: OutcomeTap) -> None:
     )
     assert_invalid(outcome, dead, ErrorCode.UNKNOWN_RUN)
     assert outcome.run_id == run_id
+
+
+@pytest.mark.parametrize("state_type", [StateType.PENDING, StateType.RUNNING], ids=str)
+async def test_a_task_run_of_a_flow_run_that_does_not_exist_is_an_unknown_run(
+    settings: Settings, tap: OutcomeTap, state_type: StateType
+) -> None:
+    """A new task run must belong to a flow run that exists (Prefect: a foreign key, 404):
+    its `run.flow_run_id` naming nothing is refused as unknown_run and creates nothing."""
+    run_id, flow_run_id = uuid.uuid4(), uuid.uuid4()
+    body = proposal_body(
+        run_id, state_type, run_kind="task_run", run={"flow_run_id": str(flow_run_id)}
+    )
+    outcome, dead = await refused(settings, tap, json.dumps(body).encode())
+    assert_invalid(outcome, dead, ErrorCode.UNKNOWN_RUN)
+    assert outcome.error is not None
+    assert outcome.error.message == (
+        f"task run {run_id} names flow run {flow_run_id}, which does not exist"
+    )
+    assert await history_of(settings, run_id, "task_run") == []
+
+
+async def test_a_task_run_whose_flow_run_is_a_task_run_is_an_unknown_run(
+    settings: Settings, tap: OutcomeTap, worker: asyncio.Event
+) -> None:
+    """`run.flow_run_id` naming a task run is refused too: it names no flow run."""
+    other = uuid.uuid4()
+    async with ArbiterClient.connect(settings=settings) as client:
+        await client.propose(
+            "task_run", other, ProposedState(type=StateType.PENDING), run=TaskRunSpec()
+        )
+    run_id = uuid.uuid4()
+    body = proposal_body(
+        run_id, StateType.PENDING, run_kind="task_run", run={"flow_run_id": str(other)}
+    )
+    outcome, dead = await refused(settings, tap, json.dumps(body).encode())
+    assert_invalid(outcome, dead, ErrorCode.UNKNOWN_RUN)
+    assert outcome.error is not None
+    assert outcome.error.message.endswith(f"names flow run {other}, which is a task run")
 
 
 async def test_kind_mismatch(settings: Settings, tap: OutcomeTap, worker: asyncio.Event) -> None:
