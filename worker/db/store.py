@@ -88,6 +88,32 @@ def _run_select(kind: _Kind) -> sa.Select[Any]:
 
 _RUN_SELECTS = {kind: _run_select(k) for kind, k in _KINDS.items()}
 
+# Hot-path statements are built once, with bind parameters: building a Core statement per
+# call (coercing every value, computing its cache key) cost more CPU than running it.
+_RUN_ID = sa.bindparam("run_id", type_=sa.Uuid)
+_CURRENT_STATE_ID = "current_state_id"
+
+
+def _statements(kind: _Kind) -> dict[str, Any]:
+    run = kind.run
+    locked_read = (
+        _run_select(kind)
+        .add_columns(run.c.state_id.label(_CURRENT_STATE_ID))
+        .where(run.c.id == _RUN_ID)
+        .with_for_update(of=run)
+    )
+    return {
+        "read": _run_select(kind).where(run.c.id == _RUN_ID),
+        "locked_read": locked_read,
+        "lock": sa.select(run.c.id).where(run.c.id == _RUN_ID).with_for_update(),
+        "insert_if_absent": pg_insert(run).on_conflict_do_nothing(index_elements=[run.c.id]),
+        "update": sa.update(run).where(run.c.id == sa.bindparam("run_key", type_=sa.Uuid)),
+        "insert_state": sa.insert(kind.state),
+    }
+
+
+_SQL = {kind: _statements(k) for kind, k in _KINDS.items()}
+
 
 def _state_from(row: RowMapping, prefix: str = "") -> State:
     return State.model_validate({name: row[prefix + name] for name in _STATE_FIELDS})
@@ -140,7 +166,68 @@ def _has_nul(value: object) -> bool:
 
 
 _COMPLETED = StateType.COMPLETED.value
+_RUN_KIND_OF = (
+    sa.select(sa.literal("flow_run"))
+    .where(tables.flow_run.c.id == _RUN_ID)
+    .union_all(sa.select(sa.literal("task_run")).where(tables.task_run.c.id == _RUN_ID))
+    .limit(1)
+)
 _TAGS = sa.bindparam("tags", type_=ARRAY(sa.Text))
+
+_P = tables.processed_proposal
+_FIND_PROCESSED = sa.select(
+    _P.c.body_sha256,
+    _P.c.status,
+    sa.cast(_P.c.outcome, sa.Text).label("outcome_json"),
+    sa.cast(_P.c.outbox, sa.Text).label("outbox_json"),
+).where(_P.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
+# The outcome and outbox arrive as JSON text and are cast by the server: no second encoding.
+_RECORD_PROCESSED = (
+    pg_insert(_P)
+    .values(
+        proposal_id=sa.bindparam("p_proposal_id", type_=sa.Uuid),
+        body_sha256=sa.bindparam("p_body_sha256", type_=sa.Text),
+        run_kind=sa.bindparam("p_run_kind", type_=sa.Text),
+        run_id=sa.bindparam("p_run_id", type_=sa.Uuid),
+        status=sa.bindparam("p_status", type_=sa.Text),
+        outcome=sa.cast(sa.bindparam("p_outcome", type_=sa.Text), JSONB),
+        outbox=sa.cast(sa.bindparam("p_outbox", type_=sa.Text), JSONB),
+    )
+    .on_conflict_do_nothing(index_elements=[_P.c.proposal_id])
+)
+
+_S, _CACHE, _LIMITS = tables.task_run_state, tables.task_run_state_cache, tables.concurrency_limit
+_NOW_PARAM = sa.bindparam("now", type_=sa.DateTime(timezone=True))
+_FIND_CACHED = (
+    sa.select(*(_S.c[name] for name in _STATE_FIELDS))
+    .select_from(_CACHE.join(_S, _S.c.id == _CACHE.c.task_run_state_id))
+    .where(
+        _CACHE.c.cache_key == sa.bindparam("cache_key", type_=sa.Text),
+        sa.or_(_CACHE.c.cache_expiration.is_(None), _CACHE.c.cache_expiration > _NOW_PARAM),
+        _S.c.type == _COMPLETED,
+    )
+    .order_by(_CACHE.c.created.desc(), _CACHE.c.id.desc())
+    .limit(1)
+)
+_INSERT_CACHE_ENTRY = sa.insert(_CACHE)
+_LOCK_TAG_LIMITS = (
+    sa.select(_LIMITS.c.tag, _LIMITS.c.concurrency_limit, _LIMITS.c.active_slots)
+    .where(_LIMITS.c.tag == sa.any_(_TAGS))
+    .order_by(_LIMITS.c.tag.collate("C"))
+    .with_for_update()
+)
+_SAVE_TAG_LIMIT = (
+    sa.update(_LIMITS)
+    .where(_LIMITS.c.tag == sa.bindparam("limit_tag", type_=sa.Text))
+    .values(updated=sa.func.now())
+)
+_FS = tables.flow_run_state
+_FLOW_TIMESTAMP_TAKEN = sa.select(
+    sa.exists().where(
+        _FS.c.flow_run_id == _RUN_ID,
+        _FS.c.timestamp == sa.bindparam("timestamp", type_=sa.DateTime(timezone=True)),
+    )
+)
 
 # --- the store --------------------------------------------------------------------------------
 
@@ -171,21 +258,26 @@ class PgStore:
     async def _read_run(
         self, kind: RunKind, run_id: uuid.UUID, *, lock: bool
     ) -> FlowRun | TaskRun | None:
-        k = _KINDS[kind]
-        if lock:
-            # Lock first, read second. A joined `SELECT ... FOR UPDATE` that waited for the
-            # lock re-checks only the run row; the state row committed meanwhile by the other
-            # transaction is invisible to the statement's snapshot, so the join would return
-            # a stale (or no) state and let two racing proposals both pass the rules.
-            locked = sa.select(k.run.c.id).where(k.run.c.id == run_id).with_for_update()
-            if (await self._execute(locked)).first() is None:
-                return None
-        statement = _RUN_SELECTS[kind].where(k.run.c.id == run_id)
-        row = (await self._execute(statement)).mappings().first()
+        k, sql = _KINDS[kind], _SQL[kind]
+        params = {"run_id": run_id}
+        if not lock:
+            row = (await self._execute(sql["read"], params)).mappings().first()
+            return _run_from(k, row) if row is not None else None
+        # One round trip: lock the run row and read it joined with its current state. If the
+        # lock had to wait, the run row is re-read at its newest version but the joined state
+        # row comes from the statement's older snapshot; the two state ids then differ (or the
+        # row is missing), and a second, plain read (a new snapshot, lock held) gets it right.
+        row = (await self._execute(sql["locked_read"], params)).mappings().first()
+        if row is not None and row[_CURRENT_STATE_ID] == row[_STATE_PREFIX + "id"]:
+            return _run_from(k, row)
+        if row is None and (await self._execute(sql["lock"], params)).first() is None:
+            return None
+        row = (await self._execute(sql["read"], params)).mappings().first()
         return _run_from(k, row) if row is not None else None
 
     async def lock_run(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
-        """The run with its current state, locked until the transaction ends (two round trips).
+        """The run with its current state, locked until the transaction ends (one round trip
+        unless another transaction held the lock).
 
         The lock serializes every proposal for this run across all workers.
         """
@@ -208,9 +300,7 @@ class PgStore:
 
     async def run_kind_of(self, run_id: uuid.UUID) -> RunKind | None:
         """Whether ``run_id`` names a flow run, a task run, or nothing (for ``kind_mismatch``)."""
-        flows = sa.select(sa.literal("flow_run")).where(tables.flow_run.c.id == run_id)
-        tasks = sa.select(sa.literal("task_run")).where(tables.task_run.c.id == run_id)
-        found = (await self._execute(flows.union_all(tasks).limit(1))).scalar()
+        found = (await self._execute(_RUN_KIND_OF, {"run_id": run_id})).scalar()
         if found == "flow_run":
             return "flow_run"
         if found == "task_run":
@@ -234,23 +324,16 @@ class PgStore:
         The loser waits for the winner's transaction and then inserts nothing; both
         go on to ``lock_run``.
         """
-        k = _KINDS[kind]
-        statement = (
-            pg_insert(k.run)
-            .values(_run_values(k, run))
-            .on_conflict_do_nothing(index_elements=[k.run.c.id])
-        )
-        inserted = (await self._execute(statement)).rowcount
+        values = _run_values(_KINDS[kind], run)
+        inserted = (await self._execute(_SQL[kind]["insert_if_absent"], values)).rowcount
         if inserted and run.state is not None:
             await self.insert_state(kind, run, run.state)
 
     async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
         """Write every column of the run, the current state's id included (one UPDATE)."""
-        k = _KINDS[kind]
-        values = _run_values(k, run)
-        del values["id"]
-        statement = sa.update(k.run).where(k.run.c.id == run.id).values(values)
-        if (await self._execute(statement)).rowcount == 0:
+        values = _run_values(_KINDS[kind], run)
+        values["run_key"] = values.pop("id")
+        if (await self._execute(_SQL[kind]["update"], values)).rowcount == 0:
             # The in-memory store would insert; here it means the run was never created.
             raise StoreError(f"no {kind} {run.id} to save", retryable=False)
 
@@ -267,7 +350,7 @@ class PgStore:
         values = _state_values(k, run.id, state)
         if _has_nul([values["name"], values["message"], values["state_details"], values["data"]]):
             raise StoreError("a state may not contain NUL characters", retryable=False)
-        await self._execute(sa.insert(k.state).values(values))
+        await self._execute(_SQL[kind]["insert_state"], values)
 
     async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
         """Every state of the run, in insertion order (oldest first)."""
@@ -281,36 +364,26 @@ class PgStore:
         return [_state_from(row) for row in rows]
 
     async def flow_state_timestamp_taken(self, run_id: uuid.UUID, timestamp: dt.datetime) -> bool:
-        s = tables.flow_run_state
-        taken = sa.exists().where(s.c.flow_run_id == run_id, s.c.timestamp == timestamp)
-        return bool((await self._execute(sa.select(taken))).scalar())
+        params = {"run_id": run_id, "timestamp": timestamp}
+        return bool((await self._execute(_FLOW_TIMESTAMP_TAKEN, params)).scalar())
 
     # -- task cache ----------------------------------------------------------------------------
 
     async def find_cached_state(self, cache_key: str, now: dt.datetime) -> State | None:
         """The newest (by ``created``, then insertion) unexpired cache entry's COMPLETED state."""
-        cache, s = tables.task_run_state_cache, tables.task_run_state
-        statement = (
-            sa.select(*(s.c[name] for name in _STATE_FIELDS))
-            .select_from(cache.join(s, s.c.id == cache.c.task_run_state_id))
-            .where(
-                cache.c.cache_key == cache_key,
-                sa.or_(cache.c.cache_expiration.is_(None), cache.c.cache_expiration > now),
-                s.c.type == _COMPLETED,
-            )
-            .order_by(cache.c.created.desc(), cache.c.id.desc())
-            .limit(1)
-        )
-        row = (await self._execute(statement)).mappings().first()
+        params = {"cache_key": cache_key, "now": now}
+        row = (await self._execute(_FIND_CACHED, params)).mappings().first()
         return _state_from(row) if row is not None else None
 
     async def insert_cache_entry(
         self, cache_key: str, expiration: dt.datetime | None, state_id: uuid.UUID
     ) -> None:
-        statement = sa.insert(tables.task_run_state_cache).values(
-            cache_key=cache_key, cache_expiration=expiration, task_run_state_id=state_id
-        )
-        await self._execute(statement)
+        values = {
+            "cache_key": cache_key,
+            "cache_expiration": expiration,
+            "task_run_state_id": state_id,
+        }
+        await self._execute(_INSERT_CACHE_ENTRY, values)
 
     # -- tag limits ----------------------------------------------------------------------------
 
@@ -319,24 +392,12 @@ class PgStore:
         the database's collation, so two claimers always lock in the same order."""
         if not tags:
             return []
-        c = tables.concurrency_limit
-        statement = (
-            sa.select(c.c.tag, c.c.concurrency_limit, c.c.active_slots)
-            .where(c.c.tag == sa.any_(_TAGS))
-            .order_by(c.c.tag.collate("C"))
-            .with_for_update()
-        )
-        rows = await self._execute(statement, {"tags": sorted(set(tags))})
+        rows = await self._execute(_LOCK_TAG_LIMITS, {"tags": sorted(set(tags))})
         return [_tag_limit(row) for row in rows.mappings()]
 
     async def save_tag_limit(self, limit: TagLimit) -> None:
-        c = tables.concurrency_limit
-        statement = (
-            sa.update(c)
-            .where(c.c.tag == limit.tag)
-            .values(active_slots=list(limit.active_slots), updated=sa.func.now())
-        )
-        await self._execute(statement)
+        params = {"limit_tag": limit.tag, "active_slots": list(limit.active_slots)}
+        await self._execute(_SAVE_TAG_LIMIT, params)
 
     async def upsert_tag_limit(self, tag: str, limit: int) -> None:
         """Create the limit or resize it; slots already held are kept."""
@@ -363,14 +424,8 @@ class PgStore:
     # -- processed proposals -------------------------------------------------------------------
 
     async def find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
-        p = tables.processed_proposal
-        statement = sa.select(
-            p.c.body_sha256,
-            p.c.status,
-            sa.cast(p.c.outcome, sa.Text).label("outcome_json"),
-            sa.cast(p.c.outbox, sa.Text).label("outbox_json"),
-        ).where(p.c.proposal_id == proposal_id)
-        row = (await self._execute(statement)).mappings().first()
+        params = {"proposal_id": proposal_id}
+        row = (await self._execute(_FIND_PROCESSED, params)).mappings().first()
         if row is None:
             return None
         return ProcessedProposal(
@@ -397,21 +452,16 @@ class PgStore:
         locks did not serialize them) is a retryable error: the retry finds this
         record and answers a replay or a ``proposal_id_conflict``.
         """
-        p = tables.processed_proposal
-        statement = (
-            pg_insert(p)
-            .values(
-                proposal_id=proposal_id,
-                body_sha256=body_sha256,
-                run_kind=run_kind,
-                run_id=run_id,
-                status=status,
-                outcome=sa.cast(sa.literal(outcome_json, sa.Text), JSONB),
-                outbox=sa.cast(sa.literal(outbox_json, sa.Text), JSONB),
-            )
-            .on_conflict_do_nothing(index_elements=[p.c.proposal_id])
-        )
-        if (await self._execute(statement)).rowcount == 0:
+        params = {
+            "p_proposal_id": proposal_id,
+            "p_body_sha256": body_sha256,
+            "p_run_kind": run_kind,
+            "p_run_id": run_id,
+            "p_status": status,
+            "p_outcome": outcome_json,
+            "p_outbox": outbox_json,
+        }
+        if (await self._execute(_RECORD_PROCESSED, params)).rowcount == 0:
             raise StoreError(f"proposal {proposal_id} was recorded concurrently", retryable=True)
 
     async def purge_processed(self, older_than: dt.datetime) -> int:
