@@ -27,7 +27,7 @@ from sqlalchemy import event
 from schemas import StateType
 from worker.db.engine import create_engine
 from worker.db.migrate import upgrade_async
-from worker.decode import decode_proposal
+from worker.decode import Decoded, decode_proposal
 from worker.devservices import provide_services
 from worker.runtime import build_orchestrator
 from worker.settings import Settings
@@ -73,8 +73,8 @@ async def measure(database_url: str, runs: int, concurrency: int) -> None:
                 message_id=None,
                 max_bytes=settings.max_message_bytes,
             )
-            assert not hasattr(decoded, "code"), decoded
-            processed = await run_in_transaction(engine, orchestrator, decoded)  # type: ignore[arg-type]
+            assert isinstance(decoded, Decoded), decoded
+            processed = await run_in_transaction(engine, orchestrator, decoded)
             assert processed.outcome.status.value == "ACCEPT", processed.outcome.details
 
     async def runner() -> None:
