@@ -19,7 +19,7 @@ from rules.engine import Orchestrator
 from rules.errors import StoreError
 from schemas import ErrorCode, FlowRun, FlowRunSpec, Outcome, Proposal, TaskRun, TaskRunSpec
 from schemas.runs import RunKind
-from worker.db.store import PgStore
+from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
 from worker.outcomes import abort_outcome, invalid_outcome, outcome_from_context
 
@@ -64,19 +64,23 @@ def _invalid(proposal: Proposal, code: ErrorCode, message: str) -> Processed:
 
 async def _lock_or_create(
     store: PgStore, proposal: Proposal
-) -> tuple[FlowRun | TaskRun | None, Processed | None]:
+) -> tuple[FlowRun | TaskRun | None, ProcessedProposal | None, Processed | None]:
+    """The run, locked (created first if new), the proposal's processed record if any, or
+    the INVALID answer that refuses the proposal."""
     kind: RunKind = proposal.run_kind
-    run = await store.lock_run(kind, proposal.run_id)
+    run, known = await store.lock_run_and_find_processed(
+        kind, proposal.run_id, proposal.proposal_id
+    )
     if run is not None:
-        return run, None
+        return run, known, None
     existing_kind = await store.run_kind_of(proposal.run_id)
     if existing_kind is not None and existing_kind != kind:
         message = f"run {proposal.run_id} is a {existing_kind}, not a {kind}"
-        return None, _invalid(proposal, ErrorCode.KIND_MISMATCH, message)
+        return None, None, _invalid(proposal, ErrorCode.KIND_MISMATCH, message)
     new_run = _new_run(proposal)
     if new_run is None:
         message = f"no {kind} {proposal.run_id} exists and the proposal carries no `run`"
-        return None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
+        return None, None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
     if isinstance(new_run, TaskRun) and new_run.flow_run_id is not None:
         # Prefect's foreign key: a task run belongs to a flow run that exists (else 404).
         parent_kind = await store.run_kind_of(new_run.flow_run_id)
@@ -85,9 +89,12 @@ async def _lock_or_create(
                 f"task run {proposal.run_id} names flow run {new_run.flow_run_id},"
                 f" which {'is a task run' if parent_kind else 'does not exist'}"
             )
-            return None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
+            return None, None, _invalid(proposal, ErrorCode.UNKNOWN_RUN, message)
     await store.create_run_if_absent(kind, new_run)
-    return await store.lock_run(kind, proposal.run_id), None
+    run, known = await store.lock_run_and_find_processed(
+        kind, proposal.run_id, proposal.proposal_id
+    )
+    return run, known, None
 
 
 async def process_proposal(
@@ -95,11 +102,10 @@ async def process_proposal(
 ) -> Processed:
     """Everything one proposal does inside the caller's transaction."""
     proposal = decoded.proposal
-    run, refused = await _lock_or_create(store, proposal)
+    run, known, refused = await _lock_or_create(store, proposal)
     if refused is not None:
         return refused
     assert run is not None
-    known = await store.find_processed(proposal.proposal_id)
     if known is not None:
         if known.body_sha256 != decoded.body_sha256:
             message = f"proposal {proposal.proposal_id} was already processed with another body"

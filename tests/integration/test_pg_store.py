@@ -740,6 +740,37 @@ class TestProcessedProposals:
         assert found.outbox_json == "[]"
         assert await pg_store.find_processed(uuid.uuid4()) is None
 
+    async def test_lock_run_and_find_processed_reads_both_in_one_call(
+        self, pg_store: PgStore
+    ) -> None:
+        """The run (locked) and the proposal's record come back together; either may be
+        missing, and a record for another proposal id is not this one's."""
+        run = FlowRun(id=uuid.uuid4(), name="r")
+        await pg_store.create_run("flow_run", run)
+        proposal_id, other_id = uuid.uuid4(), uuid.uuid4()
+        assert await pg_store.lock_run_and_find_processed(
+            "flow_run", uuid.uuid4(), proposal_id
+        ) == (None, None)
+        found_run, known = await pg_store.lock_run_and_find_processed(
+            "flow_run", run.id, proposal_id
+        )
+        assert found_run is not None
+        assert found_run.name == "r"
+        assert known is None
+
+        await self.record(pg_store, other_id, {"status": "WAIT"})
+        await self.record(pg_store, proposal_id, {"status": "ACCEPT"})
+        found_run, known = await pg_store.lock_run_and_find_processed(
+            "flow_run", run.id, proposal_id
+        )
+        assert found_run is not None
+        assert found_run.id == run.id
+        assert known is not None
+        assert json.loads(known.outcome_json) == {"status": "ACCEPT"}
+        assert known == await pg_store.find_processed(proposal_id)
+        wrong_kind = await pg_store.lock_run_and_find_processed("task_run", run.id, proposal_id)
+        assert wrong_kind == (None, None)
+
     async def test_the_outbox_is_recorded_with_the_outcome(self, pg_store: PgStore) -> None:
         """What the transaction wanted published comes back, so a replay can publish it."""
         proposal_id = uuid.uuid4()

@@ -94,8 +94,24 @@ _RUN_ID = sa.bindparam("run_id", type_=sa.Uuid)
 _CURRENT_STATE_ID = "current_state_id"
 
 
+_PROCESSED_PREFIX = "processed__"
+
+
+def _with_processed(select: sa.Select[Any]) -> sa.Select[Any]:
+    """``select`` plus the proposal's processed record, if any (LEFT JOIN on its id): the
+    replay check rides on the run's read instead of costing a round trip of its own."""
+    p = tables.processed_proposal
+    return select.add_columns(
+        p.c.body_sha256.label(_PROCESSED_PREFIX + "body_sha256"),
+        p.c.status.label(_PROCESSED_PREFIX + "status"),
+        sa.cast(p.c.outcome, sa.Text).label(_PROCESSED_PREFIX + "outcome_json"),
+        sa.cast(p.c.outbox, sa.Text).label(_PROCESSED_PREFIX + "outbox_json"),
+    ).outerjoin(p, p.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
+
+
 def _statements(kind: _Kind) -> dict[str, Any]:
     run = kind.run
+    read = _run_select(kind).where(run.c.id == _RUN_ID)
     locked_read = (
         _run_select(kind)
         .add_columns(run.c.state_id.label(_CURRENT_STATE_ID))
@@ -103,8 +119,10 @@ def _statements(kind: _Kind) -> dict[str, Any]:
         .with_for_update(of=run)
     )
     return {
-        "read": _run_select(kind).where(run.c.id == _RUN_ID),
+        "read": read,
         "locked_read": locked_read,
+        "read+processed": _with_processed(read),
+        "locked_read+processed": _with_processed(locked_read),
         "lock": sa.select(run.c.id).where(run.c.id == _RUN_ID).with_for_update(),
         "insert_if_absent": pg_insert(run).on_conflict_do_nothing(index_elements=[run.c.id]),
         "update": sa.update(run).where(run.c.id == sa.bindparam("run_key", type_=sa.Uuid)),
@@ -258,22 +276,28 @@ class PgStore:
     async def _read_run(
         self, kind: RunKind, run_id: uuid.UUID, *, lock: bool
     ) -> FlowRun | TaskRun | None:
-        k, sql = _KINDS[kind], _SQL[kind]
+        k = _KINDS[kind]
         params = {"run_id": run_id}
-        if not lock:
-            row = (await self._execute(sql["read"], params)).mappings().first()
-            return _run_from(k, row) if row is not None else None
+        if lock:
+            row = await self._locked_row(kind, params, suffix="")
+        else:
+            row = (await self._execute(_SQL[kind]["read"], params)).mappings().first()
+        return _run_from(k, row) if row is not None else None
+
+    async def _locked_row(
+        self, kind: RunKind, params: dict[str, Any], *, suffix: str
+    ) -> RowMapping | None:
         # One round trip: lock the run row and read it joined with its current state. If the
         # lock had to wait, the run row is re-read at its newest version but the joined state
         # row comes from the statement's older snapshot; the two state ids then differ (or the
         # row is missing), and a second, plain read (a new snapshot, lock held) gets it right.
-        row = (await self._execute(sql["locked_read"], params)).mappings().first()
+        sql = _SQL[kind]
+        row = (await self._execute(sql["locked_read" + suffix], params)).mappings().first()
         if row is not None and row[_CURRENT_STATE_ID] == row[_STATE_PREFIX + "id"]:
-            return _run_from(k, row)
+            return row
         if row is None and (await self._execute(sql["lock"], params)).first() is None:
             return None
-        row = (await self._execute(sql["read"], params)).mappings().first()
-        return _run_from(k, row) if row is not None else None
+        return (await self._execute(sql["read" + suffix], params)).mappings().first()
 
     async def lock_run(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
         """The run with its current state, locked until the transaction ends (one round trip
@@ -282,6 +306,29 @@ class PgStore:
         The lock serializes every proposal for this run across all workers.
         """
         return await self._read_run(kind, run_id, lock=True)
+
+    async def lock_run_and_find_processed(
+        self, kind: RunKind, run_id: uuid.UUID, proposal_id: uuid.UUID
+    ) -> tuple[FlowRun | TaskRun | None, ProcessedProposal | None]:
+        """``lock_run`` and ``find_processed`` in one round trip (the worker's first step).
+
+        A record committed by a transaction this one waited for may be missed (it is not in
+        the statement's snapshot); recording the proposal then fails as a retryable
+        duplicate, and the retry answers the replay.
+        """
+        params = {"run_id": run_id, "proposal_id": proposal_id}
+        row = await self._locked_row(kind, params, suffix="+processed")
+        if row is None:
+            return None, None
+        run = _run_from(_KINDS[kind], row)
+        if row[_PROCESSED_PREFIX + "status"] is None:
+            return run, None
+        return run, ProcessedProposal(
+            body_sha256=row[_PROCESSED_PREFIX + "body_sha256"],
+            status=row[_PROCESSED_PREFIX + "status"],
+            outcome_json=row[_PROCESSED_PREFIX + "outcome_json"],
+            outbox_json=row[_PROCESSED_PREFIX + "outbox_json"],
+        )
 
     async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
         run = await self._read_run("flow_run", run_id, lock=False)
