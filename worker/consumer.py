@@ -1,8 +1,8 @@
 """The consumer: the one module that acks.
 
 For each delivery the order is fixed: decode → (transaction: lock, orchestrate,
-write, record outcome and outbox, commit) → publish the outbox (events, enqueued
-task runs), then the outcome, each confirmed by the broker → ack. A crash
+write, record outcome and outbox, commit) → publish the outcome, then the outbox
+(events, enqueued task runs), each confirmed by the broker → ack. A crash
 anywhere before the ack redelivers the proposal, and the stored outcome and
 outbox make the redelivery a replay that publishes both again. Nothing is acked
 on cancellation.
@@ -144,9 +144,10 @@ class Consumer:
             await self._refuse(message, processed.invalid)
             return
         try:
-            # The outbox first: an executor that sees the outcome knows its events are out.
-            await self._publish_outbox(processed.outbox)
+            # The outcome first: an executor waiting on it must not depend on the events
+            # exchange. If the outbox then fails, the redelivery publishes both again.
             await self._publish_outcome(message, processed.outcome)
+            await self._publish_outbox(processed.outbox)
         except Exception:
             # Committed but not (fully) announced: the redelivery replays the stored
             # outcome and outbox, so nothing is lost; consumers dedupe by message id.

@@ -2,7 +2,7 @@
 and deferred task runs on ``arbiter.task-runs`` (reference §2.3 rule 16, §2.2).
 
 Both come from the transaction's outbox, which is stored with the outcome: they are
-published before the outcome, and published again by a replay, with the written
+published right after the outcome, and published again by a replay, with the written
 state's id as ``message_id`` so consumers can drop the copies.
 """
 
@@ -55,19 +55,17 @@ async def drain(tap: OutcomeTap, settle_s: float = 0.3) -> list[AbstractIncoming
             return received
 
 
-async def test_each_written_flow_state_is_announced_before_its_outcome(
+async def test_each_written_flow_state_is_announced(
     client: ArbiterClient, events: OutcomeTap
 ) -> None:
-    """S → P → R → C: one event per written state, routed by state name, id = state id.
-
-    The event is already on its queue when the outcome arrives."""
+    """S → P → R → C: one event per written state, routed by state name, id = state id."""
     run_id = uuid.uuid4()
     spec = FlowRunSpec(name="nightly", flow_name="etl", tags=["db"])
     for state_type in (StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING):
         outcome = await client.propose("flow_run", run_id, ProposedState(type=state_type), run=spec)
         assert outcome.status is OutcomeStatus.ACCEPT
         assert outcome.state is not None
-        message = events.messages.get_nowait()  # published before the outcome
+        message = await events.next()
         event = json.loads(message.body)
         assert message.routing_key == f"prefect.flow-run.{outcome.state.name}"
         assert message.message_id == str(outcome.state.id) == event["id"]
@@ -139,7 +137,7 @@ async def test_a_deferred_task_run_is_enqueued_by_its_task_key(
         outcome = await client.propose(
             "task_run", run_id, deferred, run=TaskRunSpec(task_key="reports.build")
         )
-        message = tap.messages.get_nowait()
+        message = await tap.next()
         undeferred = ProposedState(type=StateType.SCHEDULED)
         other = await client.propose(
             "task_run", uuid.uuid4(), undeferred, run=TaskRunSpec(task_key="reports.build")
@@ -179,10 +177,11 @@ async def test_a_replay_publishes_the_same_events_again(
 async def test_events_lost_to_a_failed_publish_come_with_the_redelivery(
     services: Services, database_url: str
 ) -> None:
-    """Commit succeeded, then the broker refused the event (a full queue bound with
-    ``x-overflow: reject-publish``): the proposal is requeued, not acked, and no outcome goes
-    out. Once the queue is gone the redelivery replays the stored outcome and publishes the
-    stored event. Nothing is written twice."""
+    """Commit succeeded and the outcome went out, then the broker refused the event (a full
+    queue bound with ``x-overflow: reject-publish``): the proposal is requeued, not acked,
+    and each redelivery replays the stored outcome and tries the stored event again. Once
+    the queue is gone the event arrives and the proposal is acked. Nothing is written twice.
+    """
     settings = isolated_settings(services, database_url, delivery_limit=1000, retry_attempts=2)
     run_id, proposal_id = uuid.uuid4(), uuid.uuid4()
     body = json.dumps(
@@ -198,19 +197,22 @@ async def test_events_lost_to_a_failed_publish_come_with_the_redelivery(
             )
             await full.bind(events, routing_key="#")
             await publish_raw(settings, body, reply_to="lost.events")
-            assert await processed_status(settings, proposal_id) == "ACCEPT"
-            with pytest.raises(TimeoutError):
-                await outcomes.next(timeout_s=1.5)  # the event was refused: no outcome yet
+            first = await outcomes.next()  # the executor is not kept waiting by the event
+            replayed = await outcomes.next()  # the event was refused: delivered again
+            assert first.body == replayed.body
 
-            tap = await channel.declare_queue(exclusive=True)
-            await tap.bind(events, routing_key="#")
-            await full.delete(if_unused=False, if_empty=False)
-            outcome = Outcome.model_validate_json((await outcomes.next(timeout_s=30)).body)
-            event = await tap.get(timeout=10)
+            async with OutcomeTap(settings, "#", exchange=settings.events_exchange) as tap:
+                await full.delete(if_unused=False, if_empty=False)
+                event = await tap.next(timeout_s=30)
+            await drain(outcomes, settle_s=1.0)  # replays still in flight when the queue went
+            with pytest.raises(TimeoutError):
+                await outcomes.next(timeout_s=1.5)  # acked at last: no more redeliveries
+    outcome = Outcome.model_validate_json(first.body)
     assert outcome.status is OutcomeStatus.ACCEPT
     assert outcome.state is not None
     assert event.message_id == str(outcome.state.id)
     assert event.routing_key == "prefect.flow-run.Pending"
+    assert await processed_status(settings, proposal_id) == "ACCEPT"
     assert await state_count(settings, run_id) == 1
 
 
