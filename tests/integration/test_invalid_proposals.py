@@ -126,6 +126,28 @@ async def test_unknown_run(settings: Settings, tap: OutcomeTap) -> None:
     assert outcome.run_id == run_id
 
 
+async def test_nan_is_malformed_json(settings: Settings, tap: OutcomeTap) -> None:
+    """`"data": NaN` is not JSON: refused up front, not left to fail the transaction."""
+    run_id = uuid.uuid4()
+    document = proposal_body(run_id, StateType.COMPLETED, run={})
+    raw = json.dumps(document).replace('"type": "COMPLETED"', '"type": "COMPLETED", "data": NaN')
+    outcome, dead = await refused(settings, tap, raw.encode())
+    assert_invalid(outcome, dead, ErrorCode.MALFORMED_JSON)
+    assert await history_of(settings, run_id) == []
+
+
+async def test_a_nul_character_is_a_schema_violation(settings: Settings, tap: OutcomeTap) -> None:
+    """A NUL in the run's name (PostgreSQL cannot store it) is refused with a message naming
+    it, and the outcome still reaches its run's executor."""
+    run_id = uuid.uuid4()
+    document = proposal_body(run_id, StateType.PENDING, run={"name": "bad\x00name"})
+    outcome, dead = await refused(settings, tap, json.dumps(document).encode())
+    assert_invalid(outcome, dead, ErrorCode.SCHEMA_VIOLATION)
+    assert outcome.run_id == run_id
+    assert "NUL" in outcome.error.message  # type: ignore[union-attr]
+    assert await history_of(settings, run_id) == []
+
+
 @pytest.mark.parametrize("state_type", [StateType.PENDING, StateType.RUNNING], ids=str)
 async def test_a_task_run_of_a_flow_run_that_does_not_exist_is_an_unknown_run(
     settings: Settings, tap: OutcomeTap, state_type: StateType

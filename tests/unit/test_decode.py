@@ -106,6 +106,51 @@ def test_documents_that_are_refused(overrides: dict[str, object], code: ErrorCod
     assert decoded.code is code
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_json_numbers_are_malformed_json(constant: str) -> None:
+    """Python's json module reads NaN and Infinity; JSON and PostgreSQL's JSONB do not."""
+    raw = json.dumps(body(state={"type": "COMPLETED", "data": 0})).replace(
+        '"data": 0', f'"data": {constant}'
+    )
+    decoded = decode(raw.encode())
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.MALFORMED_JSON
+    assert f"{constant} is not a JSON value" in decoded.message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        pytest.param({"run": {"name": "a\x00b"}}, "NUL", id="nul-in-run-name"),
+        pytest.param({"run": {"tags": ["\x00"]}}, "NUL", id="nul-in-a-tag"),
+        pytest.param(
+            {"state": {"type": "COMPLETED", "data": {"k\x00": 1}}}, "NUL", id="nul-in-a-data-key"
+        ),
+        pytest.param(
+            {"state": {"type": "RUNNING", "message": "\ud800"}}, "surrogate", id="lone-surrogate"
+        ),
+    ],
+)
+def test_strings_postgresql_cannot_store_are_refused(
+    overrides: dict[str, object], named: str
+) -> None:
+    """NUL characters and lone surrogates anywhere in the body are a schema violation that
+    names the problem, refused before any rule runs (the database would refuse them later)."""
+    decoded = decode(body(**overrides))
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert named in decoded.message
+    assert decoded.proposal_id is not None
+
+
+def test_paired_surrogates_and_other_unicode_are_kept() -> None:
+    """An emoji sent as a surrogate-pair escape and accented text decode unchanged."""
+    raw = json.dumps(body(state={"type": "RUNNING", "message": "caf\u00e9 \U0001f600"}))
+    decoded = decode(raw.encode())
+    assert isinstance(decoded, Decoded)
+    assert decoded.proposal.state.message == "caf\u00e9 \U0001f600"
+
+
 def test_refusals_keep_what_identity_they_can() -> None:
     """An unsupported version still reports the proposal id, kind and run id."""
     document = body(schema_version=9)
