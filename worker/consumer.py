@@ -114,6 +114,14 @@ class Consumer:
                 self.metrics.in_flight.inc()
                 try:
                     await self.handle(message)
+                except Exception:
+                    # A bug must not strand the delivery unacked (and its prefetch slot with
+                    # it): give it back; the delivery limit dead-letters it if it persists.
+                    log.exception("delivery %s: unexpected error, requeued", message.message_id)
+                    self.stats.requeued += 1
+                    self.metrics.requeued.inc()
+                    with contextlib.suppress(Exception):
+                        await message.nack(requeue=True)
                 finally:
                     self.metrics.in_flight.dec()
         finally:

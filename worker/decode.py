@@ -134,6 +134,9 @@ def decode_proposal(
         document = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, _NotJson) as exc:
         return Invalid(ErrorCode.MALFORMED_JSON, f"body is not UTF-8 JSON: {exc}", fallback_id)
+    except RecursionError:
+        message = "body is nested too deeply to decode"
+        return Invalid(ErrorCode.MALFORMED_JSON, message, fallback_id)
     if not isinstance(document, dict):
         return Invalid(ErrorCode.SCHEMA_VIOLATION, "body must be a JSON object", fallback_id)
 

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
-from tests.fixtures.services import isolated_settings
+from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import (
     OutcomeTap,
@@ -143,3 +143,31 @@ async def test_an_unreachable_broker_at_startup_is_one_clear_error(database_url:
     settings = Settings(amqp_url="amqp://guest:guest@127.0.0.1:1/", database_url=database_url)
     with pytest.raises(ServiceError, match="ARBITER_AMQP_URL"):
         await run_worker(settings)
+
+
+async def test_an_unexpected_error_requeues_the_delivery_instead_of_stranding_it(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug while handling a delivery (here: decoding raises once) gives the delivery back
+    to the queue; the redelivery is processed, so no prefetch slot is lost for good."""
+    import worker.consumer
+    from worker.decode import decode_proposal as real_decode
+
+    calls = 0
+
+    def decode_failing_once(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in decoding")
+        return real_decode(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker.consumer, "decode_proposal", decode_failing_once)
+    run_id = uuid.uuid4()
+    body = json.dumps(proposal_body(run_id, StateType.PENDING, run={})).encode()
+    async with running_worker(settings), OutcomeTap(settings, "bug.key") as tap:
+        await publish_raw(settings, body, reply_to="bug.key")
+        outcome = Outcome.model_validate_json((await tap.next()).body)
+    assert outcome.status is OutcomeStatus.ACCEPT
+    assert calls == 2
+    assert await history_of(settings, run_id) == ["Pending"]

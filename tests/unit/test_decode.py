@@ -106,6 +106,20 @@ def test_documents_that_are_refused(overrides: dict[str, object], code: ErrorCod
     assert decoded.code is code
 
 
+@pytest.mark.parametrize("depth", [3_000, 100_000])
+def test_a_body_nested_too_deeply_is_malformed_json(depth: int) -> None:
+    """Deep nesting makes Python's parser raise RecursionError; it is a refusal instead."""
+    raw = json.dumps(body(state={"type": "COMPLETED", "data": 0})).replace(
+        '"data": 0', '"data": ' + "[" * depth + "]" * depth
+    )
+    decoded = decode_proposal(
+        raw.encode(), content_type="application/json", message_id=None, max_bytes=len(raw)
+    )
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.MALFORMED_JSON
+    assert "nested too deeply" in decoded.message
+
+
 @pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
 def test_non_json_numbers_are_malformed_json(constant: str) -> None:
     """Python's json module reads NaN and Infinity; JSON and PostgreSQL's JSONB do not."""
