@@ -118,18 +118,24 @@ async def process_proposal(
 
     state = proposal.state.to_state(orchestrator.clock())
     context: OrchestrationContext  # type: ignore[type-arg]
-    try:
-        if isinstance(run, FlowRun):
-            context = await orchestrator.set_flow_run_state(store, run, state, force=proposal.force)
-        else:
-            context = await orchestrator.set_task_run_state(store, run, state, force=proposal.force)
-    except StoreError:
-        raise
-    except Exception as exc:
-        raise PermanentProcessingError(exc) from exc
-    outcome = outcome_from_context(proposal, context)
-    outbox = list(context.outbox)
-    await _record(store, decoded, outcome, outbox)
+    # The state insert and run update wait to travel with the record: one round trip.
+    async with store.deferred_writes():
+        try:
+            if isinstance(run, FlowRun):
+                context = await orchestrator.set_flow_run_state(
+                    store, run, state, force=proposal.force
+                )
+            else:
+                context = await orchestrator.set_task_run_state(
+                    store, run, state, force=proposal.force
+                )
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise PermanentProcessingError(exc) from exc
+        outcome = outcome_from_context(proposal, context)
+        outbox = list(context.outbox)
+        await _record(store, decoded, outcome, outbox)
     return Processed(outcome=outcome, outbox=outbox)
 
 

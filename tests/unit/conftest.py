@@ -69,6 +69,10 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[AdminStore]:
     async with engine.connect() as connection:
         transaction = await connection.begin()
         try:
-            yield PgStore(connection)
+            # As the worker runs the rules: state inserts and run updates wait for the next
+            # statement, so every scenario also checks that reads see deferred writes.
+            store = PgStore(connection)
+            async with store.deferred_writes():
+                yield store
         finally:
             await transaction.rollback()

@@ -1,10 +1,12 @@
 """PgStore: the rules' ``AdminStore`` on one PostgreSQL transaction, plus the worker's extras.
 
-The caller owns the transaction (``async with engine.begin() as conn``). Each
-method is one statement, so the hot path costs one round trip per call: lock
-the run, look up the proposal id, insert the state, update the run, record the
-proposal. Objects returned are built from rows, never shared with a cache,
-exactly like ``rules.memory.InMemoryStore`` returns copies.
+The caller owns the transaction (``async with engine.begin() as conn``). The
+worker's hot path is two round trips plus what the rules read: one statement
+locks the run and reads it with its state and the proposal's replay record;
+one writes the new state, the run and the record (``deferred_writes``).
+Statements are built once with bind parameters. Objects returned are built
+from rows, never shared with a cache, exactly like ``rules.memory.InMemoryStore``
+returns copies.
 
 Every statement goes through ``PgStore._execute``, the one place where database
 and network exceptions become ``StoreError`` (retryable or not), so nothing
@@ -13,9 +15,10 @@ above this module knows about SQLAlchemy or asyncpg.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,6 +217,39 @@ _RECORD_PROCESSED = (
     .on_conflict_do_nothing(index_elements=[_P.c.proposal_id])
 )
 
+
+def _binds(table: sa.Table, prefix: str, columns: list[str]) -> dict[str, Any]:
+    return {name: sa.bindparam(prefix + name, type_=table.c[name].type) for name in columns}
+
+
+_RUNS_SAVED = "runs_saved"
+
+
+def _combined_writes(kind: _Kind) -> dict[str, Any]:
+    """A transition's writes as one statement each way they can meet (data-modifying CTEs):
+    the state insert and the run update, with or without recording the proposal. One round
+    trip instead of up to three."""
+    state_columns = [c.name for c in kind.state.columns if c.name not in ("created", "seq")]
+    run_columns = [*(name for name in kind.fields if name != "id"), "state_id"]
+    new_state = sa.insert(kind.state).values(_binds(kind.state, "s_", state_columns))
+    saved_run = (
+        sa.update(kind.run)
+        .where(kind.run.c.id == sa.bindparam("r_key", type_=sa.Uuid))
+        .values(_binds(kind.run, "r_", run_columns))
+    )
+    run_cte = saved_run.returning(kind.run.c.id).cte("saved_run")
+    # The record returns how many runs were updated (no row at all: the id was a duplicate).
+    runs_saved = sa.select(sa.func.count()).select_from(run_cte).scalar_subquery()
+    record = _RECORD_PROCESSED.returning(runs_saved.label(_RUNS_SAVED))
+    return {
+        "state+run": saved_run.add_cte(new_state.cte("new_state")),
+        "run+record": record.add_cte(run_cte),
+        "state+run+record": record.add_cte(new_state.cte("new_state"), run_cte),
+    }
+
+
+_COMBINED = {kind: _combined_writes(k) for kind, k in _KINDS.items()}
+
 _S, _CACHE, _LIMITS = tables.task_run_state, tables.task_run_state_cache, tables.concurrency_limit
 _NOW_PARAM = sa.bindparam("now", type_=sa.DateTime(timezone=True))
 _FIND_CACHED = (
@@ -258,11 +294,40 @@ class PgStore:
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._conn = connection
+        self._deferring = False
+        self._pending_state: tuple[RunKind, uuid.UUID, dict[str, Any]] | None = None
+        self._pending_run: tuple[RunKind, uuid.UUID, dict[str, Any]] | None = None
+
+    @contextlib.asynccontextmanager
+    async def deferred_writes(self) -> AsyncIterator[None]:
+        """Within this block, a transition's state insert and run update wait for the next
+        statement and ride with it: with each other, and with ``record_processed`` when
+        that comes next (the worker's hot path: one round trip for all three).
+
+        Any other statement first sends what is waiting, so reads always see every write;
+        leaving the block sends the rest. On an exception nothing more is sent: the caller's
+        transaction is rolling back.
+        """
+        self._deferring = True
+        try:
+            yield
+            await self._flush()
+        finally:
+            self._deferring = False
+            self._pending_state = self._pending_run = None
 
     async def _execute(
         self, statement: Executable, params: Mapping[str, Any] | None = None
     ) -> CursorResult[Any]:
-        """Run one statement; the single place library exceptions become ``StoreError``."""
+        """Run one statement, after any deferred writes."""
+        if self._pending_state is not None or self._pending_run is not None:
+            await self._flush()
+        return await self._send(statement, params)
+
+    async def _send(
+        self, statement: Executable, params: Mapping[str, Any] | None = None
+    ) -> CursorResult[Any]:
+        """The single place library exceptions become ``StoreError``."""
         try:
             return await self._conn.execute(statement, params)
         except Exception as exc:
@@ -270,6 +335,37 @@ class PgStore:
             if error is None:
                 raise
             raise error from exc
+
+    def _take_pending(
+        self,
+    ) -> tuple[
+        tuple[RunKind, uuid.UUID, dict[str, Any]] | None,
+        tuple[RunKind, uuid.UUID, dict[str, Any]] | None,
+    ]:
+        state, run = self._pending_state, self._pending_run
+        self._pending_state = self._pending_run = None
+        return state, run
+
+    async def _flush(self) -> None:
+        """Send the deferred writes: together when they are one run's, else one by one."""
+        state, run = self._take_pending()
+        if state is not None and run is not None and state[:2] == run[:2]:
+            kind = run[0]
+            params = {**_prefixed("s_", state[2]), **_prefixed("r_", run[2])}
+            params["r_key"] = run[1]
+            if (await self._send(_COMBINED[kind]["state+run"], params)).rowcount == 0:
+                raise StoreError(f"no {kind} {run[1]} to save", retryable=False)
+            return
+        if state is not None:
+            await self._send(_SQL[state[0]]["insert_state"], state[2])
+        if run is not None:
+            await self._save_run_now(run[0], run[1], run[2])
+
+    async def _save_run_now(self, kind: RunKind, run_id: uuid.UUID, values: dict[str, Any]) -> None:
+        params = {**values, "run_key": run_id}
+        if (await self._send(_SQL[kind]["update"], params)).rowcount == 0:
+            # The in-memory store would insert; here it means the run was never created.
+            raise StoreError(f"no {kind} {run_id} to save", retryable=False)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -379,10 +475,13 @@ class PgStore:
     async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
         """Write every column of the run, the current state's id included (one UPDATE)."""
         values = _run_values(_KINDS[kind], run)
-        values["run_key"] = values.pop("id")
-        if (await self._execute(_SQL[kind]["update"], values)).rowcount == 0:
-            # The in-memory store would insert; here it means the run was never created.
-            raise StoreError(f"no {kind} {run.id} to save", retryable=False)
+        del values["id"]
+        if not self._deferring:
+            await self._save_run_now(kind, run.id, values)
+            return
+        if self._pending_run is not None:
+            await self._flush()
+        self._pending_run = (kind, run.id, values)
 
     # -- states --------------------------------------------------------------------------------
 
@@ -397,7 +496,12 @@ class PgStore:
         values = _state_values(k, run.id, state)
         if _has_nul([values["name"], values["message"], values["state_details"], values["data"]]):
             raise StoreError("a state may not contain NUL characters", retryable=False)
-        await self._execute(_SQL[kind]["insert_state"], values)
+        if not self._deferring:
+            await self._execute(_SQL[kind]["insert_state"], values)
+            return
+        if self._pending_state is not None or self._pending_run is not None:
+            await self._flush()
+        self._pending_state = (kind, run.id, values)
 
     async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
         """Every state of the run, in insertion order (oldest first)."""
@@ -499,7 +603,7 @@ class PgStore:
         locks did not serialize them) is a retryable error: the retry finds this
         record and answers a replay or a ``proposal_id_conflict``.
         """
-        params = {
+        params: dict[str, Any] = {
             "p_proposal_id": proposal_id,
             "p_body_sha256": body_sha256,
             "p_run_kind": run_kind,
@@ -508,14 +612,44 @@ class PgStore:
             "p_outcome": outcome_json,
             "p_outbox": outbox_json,
         }
-        if (await self._execute(_RECORD_PROCESSED, params)).rowcount == 0:
+        statement: Executable = _RECORD_PROCESSED
+        state, run = self._pending_state, self._pending_run
+        if (
+            run is not None
+            and run[:2] == (run_kind, run_id)
+            and (state is None or state[:2] == run[:2])
+        ):
+            # The transition's own writes ride with the record: one round trip for all.
+            self._take_pending()
+            params.update(_prefixed("r_", run[2]), r_key=run_id)
+            combined = _COMBINED[run_kind]
+            if state is None:
+                statement = combined["run+record"]
+            else:
+                params.update(_prefixed("s_", state[2]))
+                statement = combined["state+run+record"]
+        result = await self._execute(statement, params)
+        if statement is _RECORD_PROCESSED:
+            if result.rowcount == 0:
+                raise StoreError(
+                    f"proposal {proposal_id} was recorded concurrently", retryable=True
+                )
+            return
+        runs_saved = result.scalar()
+        if runs_saved is None:
             raise StoreError(f"proposal {proposal_id} was recorded concurrently", retryable=True)
+        if runs_saved == 0:
+            raise StoreError(f"no {run_kind} {run_id} to save", retryable=False)
 
     async def purge_processed(self, older_than: dt.datetime) -> int:
         """Forget proposals processed before ``older_than``; how many were removed."""
         p = tables.processed_proposal
         statement = sa.delete(p).where(p.c.processed_at < older_than)
         return (await self._execute(statement)).rowcount
+
+
+def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + name: value for name, value in values.items()}
 
 
 def _tag_limit(row: RowMapping) -> TagLimit:
