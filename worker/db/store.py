@@ -4,7 +4,7 @@ The caller owns the transaction (``async with engine.begin() as conn``). The
 worker's hot path is two round trips plus what the rules read: one statement
 locks the run and reads it with its state and the proposal's replay record;
 one writes the new state, the run and the record (``deferred_writes``).
-Statements are built once with bind parameters. Objects returned are built
+Statements are built once, in ``worker.db.statements``. Objects returned are built
 from rows, never shared with a cache, exactly like ``rules.memory.InMemoryStore``
 returns copies.
 
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import CursorResult, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -32,7 +31,8 @@ from sqlalchemy.sql import Executable
 from rules.errors import StoreError
 from rules.store import TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State, StateType
+from schemas.states import State
+from worker.db import statements as sql
 from worker.db import tables
 from worker.db.errors import is_transient, translate_db_error
 
@@ -53,101 +53,18 @@ class ProcessedProposal:
     outbox_json: str = "[]"
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """The tables and model of one run kind."""
-
-    run: sa.Table
-    state: sa.Table
-    state_run_id: sa.Column[Any]
-    model: type[FlowRun] | type[TaskRun]
-    fields: tuple[str, ...]  # run columns that are model fields, in table order
-
-
-def _kind(run: sa.Table, state: sa.Table, model: type[FlowRun] | type[TaskRun]) -> _Kind:
-    fields = tuple(c.name for c in run.columns if c.name not in ("state_id", "created"))
-    missing = set(fields) - set(model.model_fields)
-    if missing:
-        raise TypeError(f"{run.name} columns without a {model.__name__} field: {missing}")
-    return _Kind(run, state, state.c[f"{run.name}_id"], model, fields)
-
-
-_KINDS: dict[RunKind, _Kind] = {
-    "flow_run": _kind(tables.flow_run, tables.flow_run_state, FlowRun),
-    "task_run": _kind(tables.task_run, tables.task_run_state, TaskRun),
-}
-
-_STATE_FIELDS = ("id", "type", "name", "timestamp", "message", "state_details", "data")
-_STATE_PREFIX = "state__"
-
-
-def _run_select(kind: _Kind) -> sa.Select[Any]:
-    """The run's columns and its current state's, in one row (LEFT JOIN: a run may have none)."""
-    state_columns = [kind.state.c[name].label(_STATE_PREFIX + name) for name in _STATE_FIELDS]
-    return sa.select(*(kind.run.c[name] for name in kind.fields), *state_columns).select_from(
-        kind.run.outerjoin(kind.state, kind.state.c.id == kind.run.c.state_id)
-    )
-
-
-_RUN_SELECTS = {kind: _run_select(k) for kind, k in _KINDS.items()}
-
-# Hot-path statements are built once, with bind parameters: building a Core statement per
-# call (coercing every value, computing its cache key) cost more CPU than running it.
-_RUN_ID = sa.bindparam("run_id", type_=sa.Uuid)
-_CURRENT_STATE_ID = "current_state_id"
-
-
-_PROCESSED_PREFIX = "processed__"
-
-
-def _with_processed(select: sa.Select[Any]) -> sa.Select[Any]:
-    """``select`` plus the proposal's processed record, if any (LEFT JOIN on its id): the
-    replay check rides on the run's read instead of costing a round trip of its own."""
-    p = tables.processed_proposal
-    return select.add_columns(
-        p.c.body_sha256.label(_PROCESSED_PREFIX + "body_sha256"),
-        p.c.status.label(_PROCESSED_PREFIX + "status"),
-        sa.cast(p.c.outcome, sa.Text).label(_PROCESSED_PREFIX + "outcome_json"),
-        sa.cast(p.c.outbox, sa.Text).label(_PROCESSED_PREFIX + "outbox_json"),
-    ).outerjoin(p, p.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
-
-
-def _statements(kind: _Kind) -> dict[str, Any]:
-    run = kind.run
-    read = _run_select(kind).where(run.c.id == _RUN_ID)
-    locked_read = (
-        _run_select(kind)
-        .add_columns(run.c.state_id.label(_CURRENT_STATE_ID))
-        .where(run.c.id == _RUN_ID)
-        .with_for_update(of=run)
-    )
-    return {
-        "read": read,
-        "locked_read": locked_read,
-        "read+processed": _with_processed(read),
-        "locked_read+processed": _with_processed(locked_read),
-        "lock": sa.select(run.c.id).where(run.c.id == _RUN_ID).with_for_update(),
-        "insert_if_absent": pg_insert(run).on_conflict_do_nothing(index_elements=[run.c.id]),
-        "update": sa.update(run).where(run.c.id == sa.bindparam("run_key", type_=sa.Uuid)),
-        "insert_state": sa.insert(kind.state),
-    }
-
-
-_SQL = {kind: _statements(k) for kind, k in _KINDS.items()}
-
-
 def _state_from(row: RowMapping, prefix: str = "") -> State:
-    return State.model_validate({name: row[prefix + name] for name in _STATE_FIELDS})
+    return State.model_validate({name: row[prefix + name] for name in sql.STATE_FIELDS})
 
 
-def _run_from(kind: _Kind, row: RowMapping) -> FlowRun | TaskRun:
+def _run_from(kind: sql.RunTables, row: RowMapping) -> FlowRun | TaskRun:
     values = {name: row[name] for name in kind.fields}
-    if row[_STATE_PREFIX + "id"] is not None:
-        values["state"] = _state_from(row, _STATE_PREFIX)
+    if row[sql.STATE_PREFIX + "id"] is not None:
+        values["state"] = _state_from(row, sql.STATE_PREFIX)
     return kind.model.model_validate(values)
 
 
-def _run_values(kind: _Kind, run: FlowRun | TaskRun) -> dict[str, Any]:
+def _run_values(kind: sql.RunTables, run: FlowRun | TaskRun) -> dict[str, Any]:
     """Column values of a run; JSON columns get JSON-native values (no sets, no UUIDs)."""
     values = {name: getattr(run, name) for name in kind.fields}
     values["tags"] = list(run.tags)
@@ -157,7 +74,7 @@ def _run_values(kind: _Kind, run: FlowRun | TaskRun) -> dict[str, Any]:
     return values
 
 
-def _state_values(kind: _Kind, run_id: uuid.UUID, state: State) -> dict[str, Any]:
+def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[str, Any]:
     return {
         "id": state.id,
         kind.state_run_id.name: run_id,
@@ -185,103 +102,6 @@ def _has_nul(value: object) -> bool:
             pending.extend(item)
     return False
 
-
-_COMPLETED = StateType.COMPLETED.value
-_RUN_KIND_OF = (
-    sa.select(sa.literal("flow_run"))
-    .where(tables.flow_run.c.id == _RUN_ID)
-    .union_all(sa.select(sa.literal("task_run")).where(tables.task_run.c.id == _RUN_ID))
-    .limit(1)
-)
-_TAGS = sa.bindparam("tags", type_=ARRAY(sa.Text))
-
-_P = tables.processed_proposal
-_FIND_PROCESSED = sa.select(
-    _P.c.body_sha256,
-    _P.c.status,
-    sa.cast(_P.c.outcome, sa.Text).label("outcome_json"),
-    sa.cast(_P.c.outbox, sa.Text).label("outbox_json"),
-).where(_P.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
-# The outcome and outbox arrive as JSON text and are cast by the server: no second encoding.
-_RECORD_PROCESSED = (
-    pg_insert(_P)
-    .values(
-        proposal_id=sa.bindparam("p_proposal_id", type_=sa.Uuid),
-        body_sha256=sa.bindparam("p_body_sha256", type_=sa.Text),
-        run_kind=sa.bindparam("p_run_kind", type_=sa.Text),
-        run_id=sa.bindparam("p_run_id", type_=sa.Uuid),
-        status=sa.bindparam("p_status", type_=sa.Text),
-        outcome=sa.cast(sa.bindparam("p_outcome", type_=sa.Text), JSONB),
-        outbox=sa.cast(sa.bindparam("p_outbox", type_=sa.Text), JSONB),
-    )
-    .on_conflict_do_nothing(index_elements=[_P.c.proposal_id])
-)
-
-
-def _binds(table: sa.Table, prefix: str, columns: list[str]) -> dict[str, Any]:
-    return {name: sa.bindparam(prefix + name, type_=table.c[name].type) for name in columns}
-
-
-_RUNS_SAVED = "runs_saved"
-
-
-def _combined_writes(kind: _Kind) -> dict[str, Any]:
-    """A transition's writes as one statement each way they can meet (data-modifying CTEs):
-    the state insert and the run update, with or without recording the proposal. One round
-    trip instead of up to three."""
-    state_columns = [c.name for c in kind.state.columns if c.name not in ("created", "seq")]
-    run_columns = [*(name for name in kind.fields if name != "id"), "state_id"]
-    new_state = sa.insert(kind.state).values(_binds(kind.state, "s_", state_columns))
-    saved_run = (
-        sa.update(kind.run)
-        .where(kind.run.c.id == sa.bindparam("r_key", type_=sa.Uuid))
-        .values(_binds(kind.run, "r_", run_columns))
-    )
-    run_cte = saved_run.returning(kind.run.c.id).cte("saved_run")
-    # The record returns how many runs were updated (no row at all: the id was a duplicate).
-    runs_saved = sa.select(sa.func.count()).select_from(run_cte).scalar_subquery()
-    record = _RECORD_PROCESSED.returning(runs_saved.label(_RUNS_SAVED))
-    return {
-        "state+run": saved_run.add_cte(new_state.cte("new_state")),
-        "run+record": record.add_cte(run_cte),
-        "state+run+record": record.add_cte(new_state.cte("new_state"), run_cte),
-    }
-
-
-_COMBINED = {kind: _combined_writes(k) for kind, k in _KINDS.items()}
-
-_S, _CACHE, _LIMITS = tables.task_run_state, tables.task_run_state_cache, tables.concurrency_limit
-_NOW_PARAM = sa.bindparam("now", type_=sa.DateTime(timezone=True))
-_FIND_CACHED = (
-    sa.select(*(_S.c[name] for name in _STATE_FIELDS))
-    .select_from(_CACHE.join(_S, _S.c.id == _CACHE.c.task_run_state_id))
-    .where(
-        _CACHE.c.cache_key == sa.bindparam("cache_key", type_=sa.Text),
-        sa.or_(_CACHE.c.cache_expiration.is_(None), _CACHE.c.cache_expiration > _NOW_PARAM),
-        _S.c.type == _COMPLETED,
-    )
-    .order_by(_CACHE.c.created.desc(), _CACHE.c.id.desc())
-    .limit(1)
-)
-_INSERT_CACHE_ENTRY = sa.insert(_CACHE)
-_LOCK_TAG_LIMITS = (
-    sa.select(_LIMITS.c.tag, _LIMITS.c.concurrency_limit, _LIMITS.c.active_slots)
-    .where(_LIMITS.c.tag == sa.any_(_TAGS))
-    .order_by(_LIMITS.c.tag.collate("C"))
-    .with_for_update()
-)
-_SAVE_TAG_LIMIT = (
-    sa.update(_LIMITS)
-    .where(_LIMITS.c.tag == sa.bindparam("limit_tag", type_=sa.Text))
-    .values(updated=sa.func.now())
-)
-_FS = tables.flow_run_state
-_FLOW_TIMESTAMP_TAKEN = sa.select(
-    sa.exists().where(
-        _FS.c.flow_run_id == _RUN_ID,
-        _FS.c.timestamp == sa.bindparam("timestamp", type_=sa.DateTime(timezone=True)),
-    )
-)
 
 # --- the store --------------------------------------------------------------------------------
 
@@ -353,17 +173,17 @@ class PgStore:
             kind = run[0]
             params = {**_prefixed("s_", state[2]), **_prefixed("r_", run[2])}
             params["r_key"] = run[1]
-            if (await self._send(_COMBINED[kind]["state+run"], params)).rowcount == 0:
+            if (await self._send(sql.COMBINED[kind]["state+run"], params)).rowcount == 0:
                 raise StoreError(f"no {kind} {run[1]} to save", retryable=False)
             return
         if state is not None:
-            await self._send(_SQL[state[0]]["insert_state"], state[2])
+            await self._send(sql.BY_KIND[state[0]]["insert_state"], state[2])
         if run is not None:
             await self._save_run_now(run[0], run[1], run[2])
 
     async def _save_run_now(self, kind: RunKind, run_id: uuid.UUID, values: dict[str, Any]) -> None:
         params = {**values, "run_key": run_id}
-        if (await self._send(_SQL[kind]["update"], params)).rowcount == 0:
+        if (await self._send(sql.BY_KIND[kind]["update"], params)).rowcount == 0:
             # The in-memory store would insert; here it means the run was never created.
             raise StoreError(f"no {kind} {run_id} to save", retryable=False)
 
@@ -372,12 +192,12 @@ class PgStore:
     async def _read_run(
         self, kind: RunKind, run_id: uuid.UUID, *, lock: bool
     ) -> FlowRun | TaskRun | None:
-        k = _KINDS[kind]
+        k = sql.KINDS[kind]
         params = {"run_id": run_id}
         if lock:
             row = await self._locked_row(kind, params, suffix="")
         else:
-            row = (await self._execute(_SQL[kind]["read"], params)).mappings().first()
+            row = (await self._execute(sql.BY_KIND[kind]["read"], params)).mappings().first()
         return _run_from(k, row) if row is not None else None
 
     async def _locked_row(
@@ -387,13 +207,13 @@ class PgStore:
         # lock had to wait, the run row is re-read at its newest version but the joined state
         # row comes from the statement's older snapshot; the two state ids then differ (or the
         # row is missing), and a second, plain read (a new snapshot, lock held) gets it right.
-        sql = _SQL[kind]
-        row = (await self._execute(sql["locked_read" + suffix], params)).mappings().first()
-        if row is not None and row[_CURRENT_STATE_ID] == row[_STATE_PREFIX + "id"]:
+        chosen = sql.BY_KIND[kind]
+        row = (await self._execute(chosen["locked_read" + suffix], params)).mappings().first()
+        if row is not None and row[sql.CURRENT_STATE_ID] == row[sql.STATE_PREFIX + "id"]:
             return row
-        if row is None and (await self._execute(sql["lock"], params)).first() is None:
+        if row is None and (await self._execute(chosen["lock"], params)).first() is None:
             return None
-        return (await self._execute(sql["read" + suffix], params)).mappings().first()
+        return (await self._execute(chosen["read" + suffix], params)).mappings().first()
 
     async def lock_run(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
         """The run with its current state, locked until the transaction ends (one round trip
@@ -416,14 +236,14 @@ class PgStore:
         row = await self._locked_row(kind, params, suffix="+processed")
         if row is None:
             return None, None
-        run = _run_from(_KINDS[kind], row)
-        if row[_PROCESSED_PREFIX + "status"] is None:
+        run = _run_from(sql.KINDS[kind], row)
+        if row[sql.PROCESSED_PREFIX + "status"] is None:
             return run, None
         return run, ProcessedProposal(
-            body_sha256=row[_PROCESSED_PREFIX + "body_sha256"],
-            status=row[_PROCESSED_PREFIX + "status"],
-            outcome_json=row[_PROCESSED_PREFIX + "outcome_json"],
-            outbox_json=row[_PROCESSED_PREFIX + "outbox_json"],
+            body_sha256=row[sql.PROCESSED_PREFIX + "body_sha256"],
+            status=row[sql.PROCESSED_PREFIX + "status"],
+            outcome_json=row[sql.PROCESSED_PREFIX + "outcome_json"],
+            outbox_json=row[sql.PROCESSED_PREFIX + "outbox_json"],
         )
 
     async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
@@ -443,7 +263,7 @@ class PgStore:
 
     async def run_kind_of(self, run_id: uuid.UUID) -> RunKind | None:
         """Whether ``run_id`` names a flow run, a task run, or nothing (for ``kind_mismatch``)."""
-        found = (await self._execute(_RUN_KIND_OF, {"run_id": run_id})).scalar()
+        found = (await self._execute(sql.RUN_KIND_OF, {"run_id": run_id})).scalar()
         if found == "flow_run":
             return "flow_run"
         if found == "task_run":
@@ -456,7 +276,7 @@ class PgStore:
         A run handed in with a state gets that state as its first history entry,
         so the row never points at a missing state.
         """
-        k = _KINDS[kind]
+        k = sql.KINDS[kind]
         await self._execute(sa.insert(k.run).values(_run_values(k, run)))
         if run.state is not None:
             await self.insert_state(kind, run, run.state)
@@ -467,14 +287,14 @@ class PgStore:
         The loser waits for the winner's transaction and then inserts nothing; both
         go on to ``lock_run``.
         """
-        values = _run_values(_KINDS[kind], run)
-        inserted = (await self._execute(_SQL[kind]["insert_if_absent"], values)).rowcount
+        values = _run_values(sql.KINDS[kind], run)
+        inserted = (await self._execute(sql.BY_KIND[kind]["insert_if_absent"], values)).rowcount
         if inserted and run.state is not None:
             await self.insert_state(kind, run, run.state)
 
     async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
         """Write every column of the run, the current state's id included (one UPDATE)."""
-        values = _run_values(_KINDS[kind], run)
+        values = _run_values(sql.KINDS[kind], run)
         del values["id"]
         if not self._deferring:
             await self._save_run_now(kind, run.id, values)
@@ -492,12 +312,12 @@ class PgStore:
         too, but by then the whole transaction is aborted and the ABORT outcome the
         rules choose for an invalid state could not be recorded.
         """
-        k = _KINDS[kind]
+        k = sql.KINDS[kind]
         values = _state_values(k, run.id, state)
         if _has_nul([values["name"], values["message"], values["state_details"], values["data"]]):
             raise StoreError("a state may not contain NUL characters", retryable=False)
         if not self._deferring:
-            await self._execute(_SQL[kind]["insert_state"], values)
+            await self._execute(sql.BY_KIND[kind]["insert_state"], values)
             return
         if self._pending_state is not None or self._pending_run is not None:
             await self._flush()
@@ -505,9 +325,9 @@ class PgStore:
 
     async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
         """Every state of the run, in insertion order (oldest first)."""
-        k = _KINDS[kind]
+        k = sql.KINDS[kind]
         statement = (
-            sa.select(*(k.state.c[name] for name in _STATE_FIELDS))
+            sa.select(*(k.state.c[name] for name in sql.STATE_FIELDS))
             .where(k.state_run_id == run_id)
             .order_by(k.state.c.seq)
         )
@@ -516,14 +336,14 @@ class PgStore:
 
     async def flow_state_timestamp_taken(self, run_id: uuid.UUID, timestamp: dt.datetime) -> bool:
         params = {"run_id": run_id, "timestamp": timestamp}
-        return bool((await self._execute(_FLOW_TIMESTAMP_TAKEN, params)).scalar())
+        return bool((await self._execute(sql.FLOW_TIMESTAMP_TAKEN, params)).scalar())
 
     # -- task cache ----------------------------------------------------------------------------
 
     async def find_cached_state(self, cache_key: str, now: dt.datetime) -> State | None:
         """The newest (by ``created``, then insertion) unexpired cache entry's COMPLETED state."""
         params = {"cache_key": cache_key, "now": now}
-        row = (await self._execute(_FIND_CACHED, params)).mappings().first()
+        row = (await self._execute(sql.FIND_CACHED, params)).mappings().first()
         return _state_from(row) if row is not None else None
 
     async def insert_cache_entry(
@@ -534,7 +354,7 @@ class PgStore:
             "cache_expiration": expiration,
             "task_run_state_id": state_id,
         }
-        await self._execute(_INSERT_CACHE_ENTRY, values)
+        await self._execute(sql.INSERT_CACHE_ENTRY, values)
 
     # -- tag limits ----------------------------------------------------------------------------
 
@@ -543,12 +363,12 @@ class PgStore:
         the database's collation, so two claimers always lock in the same order."""
         if not tags:
             return []
-        rows = await self._execute(_LOCK_TAG_LIMITS, {"tags": sorted(set(tags))})
+        rows = await self._execute(sql.LOCK_TAG_LIMITS, {"tags": sorted(set(tags))})
         return [_tag_limit(row) for row in rows.mappings()]
 
     async def save_tag_limit(self, limit: TagLimit) -> None:
         params = {"limit_tag": limit.tag, "active_slots": list(limit.active_slots)}
-        await self._execute(_SAVE_TAG_LIMIT, params)
+        await self._execute(sql.SAVE_TAG_LIMIT, params)
 
     async def upsert_tag_limit(self, tag: str, limit: int) -> None:
         """Create the limit or resize it; slots already held are kept."""
@@ -576,7 +396,7 @@ class PgStore:
 
     async def find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
         params = {"proposal_id": proposal_id}
-        row = (await self._execute(_FIND_PROCESSED, params)).mappings().first()
+        row = (await self._execute(sql.FIND_PROCESSED, params)).mappings().first()
         if row is None:
             return None
         return ProcessedProposal(
@@ -612,7 +432,7 @@ class PgStore:
             "p_outcome": outcome_json,
             "p_outbox": outbox_json,
         }
-        statement: Executable = _RECORD_PROCESSED
+        statement: Executable = sql.RECORD_PROCESSED
         state, run = self._pending_state, self._pending_run
         if (
             run is not None
@@ -622,14 +442,14 @@ class PgStore:
             # The transition's own writes ride with the record: one round trip for all.
             self._take_pending()
             params.update(_prefixed("r_", run[2]), r_key=run_id)
-            combined = _COMBINED[run_kind]
+            combined = sql.COMBINED[run_kind]
             if state is None:
                 statement = combined["run+record"]
             else:
                 params.update(_prefixed("s_", state[2]))
                 statement = combined["state+run+record"]
         result = await self._execute(statement, params)
-        if statement is _RECORD_PROCESSED:
+        if statement is sql.RECORD_PROCESSED:
             if result.rowcount == 0:
                 raise StoreError(
                     f"proposal {proposal_id} was recorded concurrently", retryable=True
