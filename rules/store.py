@@ -4,6 +4,14 @@ Rules never see a database session. Production binds this Protocol to one
 PostgreSQL transaction (``worker.db.store``); unit tests use ``rules.memory``.
 Every method runs inside the caller's transaction, so a rolled-back transition
 leaves no trace.
+
+Deployment concurrency and V2 (global) limits are not built yet; they fit this shape
+without changing what exists. Flow runs already carry ``deployment_id``. Deployment
+slots would be one more locked read and write pair, like ``lock_tag_limits`` and
+``save_tag_limit``, on a deployment limit row, plus lease reads and writes. V2 limits
+would get their own methods and their own table (Prefect's ``concurrency_limit_v2``),
+not new fields on ``TagLimit``. Their rules then take the places marked in
+``rules.policies``.
 """
 
 from __future__ import annotations
