@@ -2,10 +2,10 @@
 against PostgreSQL through the real store (marked ``integration``).
 
 The PostgreSQL variant runs each test inside a transaction that is rolled back, so
-scenarios never see each other's rows. In the files of ``_ON_BOTH_STORES`` every test
-that takes ``store`` runs on both, so it arranges and inspects the store only through
-the ``rules.store`` protocols (helpers in ``tests/unit/core/helpers.py``), never through
-``InMemoryStore``'s fields.
+scenarios never see each other's rows. In every module under ``tests/unit/core/`` and in
+the files of ``_ALSO_ON_BOTH_STORES``, every test that takes ``store`` runs on both, so it
+arranges and inspects the store only through the ``rules.store`` protocols (helpers in
+``tests/unit/core/helpers.py``), never through ``InMemoryStore``'s fields.
 """
 
 from __future__ import annotations
@@ -19,14 +19,27 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rules.memory import InMemoryStore
 from rules.store import AdminStore
 
-# The rule scenarios of Prefect's core, global and instrumentation suites run on both stores.
-_ON_BOTH_STORES = {
-    "test_flow_rules.py",
-    "test_task_rules.py",
-    "test_global_policy.py",
-    "test_prevent_pending_transitions.py",
-    "test_instrumentation.py",
+# The rule scenarios of Prefect's core, global and instrumentation suites run on both stores:
+# every module under core/ (one per rule family, so new ones join without being listed), and
+# these. A listed file that is renamed or removed fails collection instead of silently
+# dropping its PostgreSQL variants.
+_CORE = Path(__file__).resolve().parent / "core"
+_ALSO_ON_BOTH_STORES = {
+    Path(__file__).resolve().parent / name
+    for name in (
+        "test_global_policy.py",
+        "test_prevent_pending_transitions.py",
+        "test_instrumentation.py",
+    )
 }
+_missing = sorted(path.name for path in _ALSO_ON_BOTH_STORES if not path.is_file())
+if _missing:
+    raise pytest.UsageError(f"tests/unit/conftest.py lists missing modules: {_missing}")
+
+
+def _on_both_stores(module: Path) -> bool:
+    module = module.resolve()
+    return module.is_relative_to(_CORE) or module in _ALSO_ON_BOTH_STORES
 
 
 _ENGINES: dict[str, AsyncEngine] = {}
@@ -51,8 +64,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "store" not in metafunc.fixturenames:
         return
     backends: list[object] = ["memory"]
-    on_both = Path(str(metafunc.definition.fspath)).name in _ON_BOTH_STORES
-    if on_both:
+    if _on_both_stores(metafunc.definition.path):
         backends.append(pytest.param("postgres", marks=pytest.mark.integration))
     metafunc.parametrize("store", backends, indirect=True)
 

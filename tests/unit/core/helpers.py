@@ -1,6 +1,7 @@
 """Helpers shared by the flow- and task-rule scenarios: readable ids, a frozen clock,
-entering rules by hand as Prefect's own tests do, and arranging or observing a store
-through its public interface only (``rules.store``), so a scenario runs on both stores."""
+entering rules by hand as Prefect's own tests do, task rules that reject or abort every
+transition, and arranging or observing a store through its public interface only
+(``rules.store``), so a scenario runs on both stores."""
 
 from __future__ import annotations
 
@@ -12,12 +13,17 @@ from typing import NamedTuple, TypeVar
 
 import pytest
 
-from rules.base import ALL_ORCHESTRATION_STATES, TERMINAL_TYPES, StateTypeOrNone
-from rules.context import OrchestrationContext
+from rules.base import (
+    ALL_ORCHESTRATION_STATES,
+    TERMINAL_TYPES,
+    StateTypeOrNone,
+    TaskRunOrchestrationRule,
+)
+from rules.context import OrchestrationContext, TaskOrchestrationContext
 from rules.engine import Orchestrator
 from rules.policy import RuleClass
-from rules.store import Store
-from schemas.states import StateType
+from rules.store import AdminStore, Store
+from schemas.states import State, StateType
 
 # Sorted lists (``None`` sorts as "None") so parametrized ids are deterministic.
 ALL_STATES: list[StateTypeOrNone] = sorted(ALL_ORCHESTRATION_STATES, key=str)
@@ -43,6 +49,10 @@ def type_id(value: object) -> str:
     return name_of(value) if isinstance(value, StateType) or value is None else str(value)
 
 
+def other_types(*excluded: StateType) -> list[StateType]:
+    return [t for t in CANONICAL_STATES if t not in excluded]
+
+
 def frozen_orchestrator(now: dt.datetime = NOW) -> Orchestrator:
     """An orchestrator whose clock always reads ``now``."""
     return Orchestrator(clock=lambda: now)
@@ -61,6 +71,42 @@ async def apply_rules(
     return ctx
 
 
+def rejecting_rule(to_type: StateType) -> type[TaskRunOrchestrationRule]:
+    """A task-run rule that rejects any transition into a copy of the proposed state of
+    ``to_type``."""
+
+    class RejectIntoAnotherType(TaskRunOrchestrationRule):
+        FROM_STATES = ALL_ORCHESTRATION_STATES
+        TO_STATES = ALL_ORCHESTRATION_STATES
+
+        async def before_transition(
+            self,
+            initial_state: State | None,
+            proposed_state: State | None,
+            context: TaskOrchestrationContext,
+        ) -> None:
+            assert proposed_state is not None
+            mutated = proposed_state.model_copy(update={"type": to_type})
+            await self.reject_transition(mutated, reason="gotta fizzle some rules, for fun")
+
+    return RejectIntoAnotherType
+
+
+class AbortingRule(TaskRunOrchestrationRule):
+    """Aborts every transition."""
+
+    FROM_STATES = ALL_ORCHESTRATION_STATES
+    TO_STATES = ALL_ORCHESTRATION_STATES
+
+    async def before_transition(
+        self,
+        initial_state: State | None,
+        proposed_state: State | None,
+        context: TaskOrchestrationContext,
+    ) -> None:
+        await self.abort_transition(reason="For testing purposes")
+
+
 async def hold_slots(store: Store, tag: str, holders: list[str]) -> None:
     """Make ``holders`` the runs holding ``tag``'s slots, as a claimer writes them: lock, save."""
     limits = await store.lock_tag_limits([tag])
@@ -68,6 +114,19 @@ async def hold_slots(store: Store, tag: str, holders: list[str]) -> None:
         raise KeyError(tag)
     limits[0].active_slots = list(holders)
     await store.save_tag_limit(limits[0])
+
+
+async def lose_flow_run(store: AdminStore, ctx: TaskOrchestrationContext) -> None:
+    """Make the task's flow run unreadable, as if it had been deleted.
+
+    The store has no delete, so the task run is pointed at a flow run id that was
+    never stored; ``read_flow_run`` answers None for it exactly as for a deleted run
+    (``task_run.flow_run_id`` has no foreign key: a task may arrive before its flow run).
+    """
+    assert await ctx.flow_run() is not None
+    ctx.run.flow_run_id = uuid.uuid4()
+    await store.save_run("task_run", ctx.run)
+    assert await ctx.flow_run() is None
 
 
 class CacheInsertionCall(NamedTuple):
