@@ -28,7 +28,6 @@ _ALSO_ON_BOTH_STORES = {
     Path(__file__).resolve().parent / name
     for name in (
         "test_global_policy.py",
-        "test_prevent_pending_transitions.py",
         "test_instrumentation.py",
     )
 }

@@ -17,11 +17,11 @@ from rules.core.cancelling import (
     BypassCancellingFlowRunsWithNoInfra,
     EnforceCancellingToCancelledTransition,
 )
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
@@ -39,7 +39,7 @@ class TestHandleCancellingStateTransitions:
 
     @pytest.mark.parametrize("proposed_state_type", not_cancelled, ids=type_id)
     async def test_rejects_cancelling_to_anything_but_cancelled(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """A cancelling run can only become CANCELLED."""
         ctx = await initialize_orchestration(
@@ -56,7 +56,7 @@ class TestHandleCancellingStateTransitions:
 
     @pytest.mark.parametrize("proposed_state_type", not_cancelled, ids=type_id)
     async def test_rejects_cancelled_cancelling_to_anything_but_cancelled(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """Prefect's duplicate of the test above, kept for parity."""
         ctx = await initialize_orchestration(
@@ -70,7 +70,7 @@ class TestHandleCancellingStateTransitions:
 
     @pytest.mark.parametrize("proposed_state_type", not_cancelled, ids=type_id)
     async def test_does_not_block_cancelled_to_other_states(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """A CANCELLED run may move on (a rerun): the rule does not apply."""
         transition = (StateType.CANCELLED, proposed_state_type)
@@ -83,7 +83,7 @@ class TestHandleCancellingStateTransitions:
         assert await rule.invalid()
         assert ctx.response_status != SetStateStatus.REJECT
 
-    async def test_cancelling_to_cancelled_is_accepted(self, store: InMemoryStore) -> None:
+    async def test_cancelling_to_cancelled_is_accepted(self, store: AdminStore) -> None:
         """CANCELLING → CANCELLED is the one way out."""
         transition = (StateType.CANCELLING, StateType.CANCELLED)
         ctx = await initialize_orchestration(store, "flow", *transition)
@@ -101,7 +101,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
     transition = (StateType.SCHEDULED, StateType.CANCELLING)
 
     async def test_rejects_cancelling_scheduled_flow_and_sets_to_cancelled(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A scheduled run without infrastructure goes straight to CANCELLED."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
@@ -115,7 +115,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         assert ctx.validated_state_type == StateType.CANCELLED
 
     async def test_rejects_cancelling_suspended_flow_and_sets_to_cancelled(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A suspended run has no process left, so it goes straight to CANCELLED."""
         ctx = await initialize_orchestration(
@@ -135,7 +135,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         assert ctx.validated_state_type == StateType.CANCELLED
 
     async def test_rejects_cancelling_resuming_flow_and_sets_to_cancelled(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A run "Resuming" from a suspension has no infrastructure yet, pid or not."""
         ctx = await initialize_orchestration(
@@ -151,7 +151,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         assert ctx.response_status == SetStateStatus.REJECT
         assert ctx.validated_state_type == StateType.CANCELLED
 
-    async def test_accepts_cancelling_flow_run_with_pid(self, store: InMemoryStore) -> None:
+    async def test_accepts_cancelling_flow_run_with_pid(self, store: AdminStore) -> None:
         """A scheduled run with a pid (AwaitingRetry, live infrastructure) is cancelled normally."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
         ctx = await apply_rules(ctx, [BypassCancellingFlowRunsWithNoInfra])
@@ -166,7 +166,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         assert ctx.validated_state_type == StateType.CANCELLING
 
     async def test_accepts_cancelling_paused_flow_run_with_no_reschedule(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A blocking pause still has its process to tear down."""
         ctx = await initialize_orchestration(
@@ -188,7 +188,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         ids=type_id,
     )
     async def test_allows_all_other_transitions(
-        self, store: InMemoryStore, initial_state_type: StateTypeOrNone
+        self, store: AdminStore, initial_state_type: StateTypeOrNone
     ) -> None:
         """Cancelling a run in any other state is left alone."""
         ctx = await initialize_orchestration(
@@ -200,7 +200,7 @@ class TestBypassCancellingFlowRunsWithNoInfra:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.validated_state_type == StateType.CANCELLING
 
-    async def test_the_cancelled_state_is_a_fresh_state(self, store: InMemoryStore) -> None:
+    async def test_the_cancelled_state_is_a_fresh_state(self, store: AdminStore) -> None:
         """The replacement is a new CANCELLED state, stamped by the server's clock."""
         ctx = await initialize_orchestration(
             store, "flow", *self.transition, orchestrator=frozen_orchestrator()

@@ -11,11 +11,11 @@ from __future__ import annotations
 import uuid
 
 from rules.core.duplicates import PreventDuplicateTransitions
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
@@ -26,7 +26,7 @@ from tests.unit.core.helpers import (
 class TestPreventDuplicateTransitions:
     transition = (StateType.PENDING, StateType.PENDING)
 
-    async def test_no_transition_ids(self, store: InMemoryStore) -> None:
+    async def test_no_transition_ids(self, store: AdminStore) -> None:
         """Proposals without transition ids are never deduplicated."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
 
@@ -34,7 +34,7 @@ class TestPreventDuplicateTransitions:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_proposed_state_no_transition_id(self, store: InMemoryStore) -> None:
+    async def test_proposed_state_no_transition_id(self, store: AdminStore) -> None:
         """Only the current state has an id: not a replay."""
         ctx = await initialize_orchestration(
             store, "flow", *self.transition, initial_details={"transition_id": uuid.uuid4()}
@@ -44,7 +44,7 @@ class TestPreventDuplicateTransitions:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_initial_state_no_transition_id(self, store: InMemoryStore) -> None:
+    async def test_initial_state_no_transition_id(self, store: AdminStore) -> None:
         """Only the proposal has an id: not a replay."""
         ctx = await initialize_orchestration(
             store, "flow", *self.transition, proposed_details={"transition_id": uuid.uuid4()}
@@ -54,7 +54,7 @@ class TestPreventDuplicateTransitions:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_different_transition_ids(self, store: InMemoryStore) -> None:
+    async def test_different_transition_ids(self, store: AdminStore) -> None:
         """Different ids are different transitions."""
         ctx = await initialize_orchestration(
             store,
@@ -68,7 +68,7 @@ class TestPreventDuplicateTransitions:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_same_transition_id(self, store: InMemoryStore) -> None:
+    async def test_same_transition_id(self, store: AdminStore) -> None:
         """A replayed transition is null-rejected and the state already written is returned."""
         transition_id_ = uuid.uuid4()
         ctx = await initialize_orchestration(

@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 
 from rules.core.late import EnsureOnlyScheduledFlowsMarkedLate
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
@@ -37,7 +37,7 @@ class TestEnsureOnlyScheduledFlowMarkedLate:
         ids=type_id,
     )
     async def test_reject_marking_states_other_than_scheduled_as_late(
-        self, store: InMemoryStore, initial_state_type: StateType
+        self, store: AdminStore, initial_state_type: StateType
     ) -> None:
         """A run that already left SCHEDULED cannot be marked late."""
         ctx = await initialize_orchestration(
@@ -52,7 +52,7 @@ class TestEnsureOnlyScheduledFlowMarkedLate:
         )
         assert ctx.validated_state_type == initial_state_type
 
-    async def test_scheduled_to_late_transition_is_accepted(self, store: InMemoryStore) -> None:
+    async def test_scheduled_to_late_transition_is_accepted(self, store: AdminStore) -> None:
         """A SCHEDULED run can be marked late."""
         ctx = await initialize_orchestration(
             store, "flow", StateType.SCHEDULED, StateType.SCHEDULED, proposed_state_name="Late"
@@ -64,7 +64,7 @@ class TestEnsureOnlyScheduledFlowMarkedLate:
         assert ctx.validated_state is not None
         assert ctx.validated_state.name == "Late"
 
-    async def test_reject_marking_already_late_flow_as_late(self, store: InMemoryStore) -> None:
+    async def test_reject_marking_already_late_flow_as_late(self, store: AdminStore) -> None:
         """A run is marked late once."""
         ctx = await initialize_orchestration(
             store,
@@ -86,7 +86,7 @@ class TestEnsureOnlyScheduledFlowMarkedLate:
         "initial_state_type", [StateType.RUNNING, StateType.FAILED], ids=type_id
     )
     async def test_other_scheduled_states_are_not_concerned(
-        self, store: InMemoryStore, initial_state_type: StateType
+        self, store: AdminStore, initial_state_type: StateType
     ) -> None:
         """SCHEDULED states not named "Late" (AwaitingRetry) pass."""
         ctx = await initialize_orchestration(

@@ -16,12 +16,12 @@ from rules.base import (
     StateTypeOrNone,
 )
 from rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.states import State, StateDetails, StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
@@ -57,7 +57,7 @@ def paused_state(
 class TestPausingFlows:
     transition = (StateType.RUNNING, StateType.PAUSED)
 
-    async def test_can_not_nonblocking_pause_subflows(self, store: InMemoryStore) -> None:
+    async def test_can_not_nonblocking_pause_subflows(self, store: AdminStore) -> None:
         """A subflow cannot suspend, even with a deployment: its parent holds the process.
 
         Prefect's test leaves the parent unset (a comparison instead of an
@@ -75,7 +75,7 @@ class TestPausingFlows:
         assert ctx.response_details == StateAbortDetails(reason="Cannot pause subflows.")
 
     async def test_can_not_nonblocking_pause_flows_with_deployments_with_reschedule_flag(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A run without a deployment cannot suspend (Prefect's name says the opposite)."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
@@ -89,7 +89,7 @@ class TestPausingFlows:
         )
 
     async def test_can_nonblocking_pause_flows_with_deployments_with_reschedule_flag(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A deployed run can suspend."""
         ctx = await initialize_orchestration(
@@ -101,7 +101,7 @@ class TestPausingFlows:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_updates_pause_key_tracker(self, store: InMemoryStore) -> None:
+    async def test_updates_pause_key_tracker(self, store: AdminStore) -> None:
         """An accepted pause records its key on the run."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
         ctx.proposed_state = paused_state(pause_key="hello", timeout_s=1000)
@@ -111,7 +111,7 @@ class TestPausingFlows:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert "hello" in ctx.run.empirical_policy.pause_keys
 
-    async def test_defaults_pause_key_to_random_uuid(self, store: InMemoryStore) -> None:
+    async def test_defaults_pause_key_to_random_uuid(self, store: AdminStore) -> None:
         """A pause without a key records a random UUID (Prefect's test passes a key)."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
         ctx.proposed_state = paused_state(timeout_s=1000)
@@ -123,7 +123,7 @@ class TestPausingFlows:
         (key,) = ctx.run.empirical_policy.pause_keys
         assert uuid.UUID(key)
 
-    async def test_does_not_permit_repeat_pauses(self, store: InMemoryStore) -> None:
+    async def test_does_not_permit_repeat_pauses(self, store: AdminStore) -> None:
         """The same pause key fires once per run."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
         ctx.proposed_state = paused_state(pause_key="hello", timeout_s=1000)
@@ -140,7 +140,7 @@ class TestPausingFlows:
 
     @pytest.mark.parametrize("initial_state_type", ALL_STATES, ids=type_id)
     async def test_can_only_pause_running_flows(
-        self, store: InMemoryStore, initial_state_type: StateTypeOrNone
+        self, store: AdminStore, initial_state_type: StateTypeOrNone
     ) -> None:
         """No state aborts, RUNNING pauses, anything else is null-rejected."""
         ctx = await initialize_orchestration(
@@ -163,7 +163,7 @@ class TestPausingFlows:
             )
             assert ctx.validated_state_type == initial_state_type
 
-    async def test_suspensions_are_worded_as_such(self, store: InMemoryStore) -> None:
+    async def test_suspensions_are_worded_as_such(self, store: AdminStore) -> None:
         """A "Suspended" proposal is refused with "suspend" in the reason."""
         ctx = await initialize_orchestration(store, "flow", StateType.PENDING, StateType.PAUSED)
         ctx.proposed_state = paused_state(reschedule=True, name="Suspended")
@@ -174,7 +174,7 @@ class TestPausingFlows:
             reason="Cannot suspend flows that are not currently running."
         )
 
-    async def test_refused_pause_records_no_key(self, store: InMemoryStore) -> None:
+    async def test_refused_pause_records_no_key(self, store: AdminStore) -> None:
         """A pause that is not written leaves the pause keys untouched."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
         ctx.proposed_state = paused_state(pause_key="hello", reschedule=True)
@@ -187,7 +187,7 @@ class TestPausingFlows:
 
 class TestResumingFlows:
     async def test_cannot_leave_nonblocking_pausing_state_without_a_deployment(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A suspended run is resumed through its deployment, so without one it stays PAUSED."""
         ctx = await initialize_orchestration(
@@ -211,7 +211,7 @@ class TestResumingFlows:
         assert ctx.validated_state_type == StateType.PAUSED
 
     async def test_can_leave_blocking_pausing_state_without_a_deployment(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A blocking pause resumes in the same process, no deployment needed."""
         ctx = await initialize_orchestration(
@@ -229,7 +229,7 @@ class TestResumingFlows:
 
     @pytest.mark.parametrize("proposed_state_type", CANONICAL_STATES, ids=type_id)
     async def test_transitions_out_of_pausing_states_are_restricted(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """PAUSED resumes into RUNNING, SCHEDULED or a final state; anything else is refused."""
         ctx = await initialize_orchestration(
@@ -253,7 +253,7 @@ class TestResumingFlows:
             assert ctx.validated_state_type == StateType.PAUSED
 
     async def test_cannot_leave_pausing_state_if_pause_has_timed_out(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A resume after the pause timed out fails the run instead."""
         ctx = await initialize_orchestration(
@@ -276,7 +276,7 @@ class TestResumingFlows:
         assert ctx.validated_state.type == StateType.FAILED
         assert ctx.validated_state.message == "The flow was running and never resumed."
 
-    async def test_allows_leaving_pausing_state(self, store: InMemoryStore) -> None:
+    async def test_allows_leaving_pausing_state(self, store: AdminStore) -> None:
         """A resume within the timeout is accepted."""
         ctx = await initialize_orchestration(
             store,
@@ -293,7 +293,7 @@ class TestResumingFlows:
         assert ctx.response_status == SetStateStatus.ACCEPT
 
     async def test_marks_flow_run_as_resuming_upon_leaving_paused_state(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A resumed run is flagged so its next RUNNING is not a new attempt."""
         ctx = await initialize_orchestration(
@@ -317,7 +317,7 @@ class TestResumingFlows:
         ids=type_id,
     )
     async def test_refusal_renders_state_types_as_prefect_does(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """The reason names both types as ``StateType.X`` (Prefect on Python ≥ 3.11)."""
         ctx = await initialize_orchestration(store, "flow", StateType.PAUSED, proposed_state_type)
@@ -329,9 +329,7 @@ class TestResumingFlows:
             "state from the StateType.PAUSED state."
         )
 
-    async def test_resuming_is_flagged_even_after_a_refused_resume(
-        self, store: InMemoryStore
-    ) -> None:
+    async def test_resuming_is_flagged_even_after_a_refused_resume(self, store: AdminStore) -> None:
         """Prefect's after-hook also runs after the rule's own null reject (reference §6.10)."""
         ctx = await initialize_orchestration(store, "flow", StateType.PAUSED, StateType.PENDING)
 
@@ -341,7 +339,7 @@ class TestResumingFlows:
         assert ctx.run.empirical_policy.resuming is True
 
     async def test_suspended_resume_without_deployment_names_the_proposed_state(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """The refusal names the proposed state in lower case ("resuming")."""
         ctx = await initialize_orchestration(

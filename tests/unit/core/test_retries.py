@@ -17,12 +17,12 @@ from rules.core.retries import RetryFailedFlows
 from rules.core.terminal import (
     HandleFlowTerminalStateTransitions,
 )
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.runs import FlowRunPolicy
 from schemas.states import StateType
 from tests.factories import initialize_orchestration
@@ -34,7 +34,7 @@ from tests.unit.core.helpers import (
 
 
 class TestFlowRetryingRule:
-    async def test_retries(self, store: InMemoryStore) -> None:
+    async def test_retries(self, store: AdminStore) -> None:
         """A failure with retries left is rejected into SCHEDULED AwaitingRetry."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
         ctx.run.run_count = 1
@@ -45,7 +45,7 @@ class TestFlowRetryingRule:
         assert ctx.response_status == SetStateStatus.REJECT
         assert ctx.validated_state_type == StateType.SCHEDULED
 
-    async def test_stops_retrying_eventually(self, store: InMemoryStore) -> None:
+    async def test_stops_retrying_eventually(self, store: AdminStore) -> None:
         """Once run_count exceeds retries the failure is written."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
         ctx.run.run_count = 2
@@ -56,7 +56,7 @@ class TestFlowRetryingRule:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.validated_state_type == StateType.FAILED
 
-    async def test_sets_retry_type(self, store: InMemoryStore) -> None:
+    async def test_sets_retry_type(self, store: AdminStore) -> None:
         """An automatic retry is marked "in_process"."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
         ctx.run.run_count = 2
@@ -67,7 +67,7 @@ class TestFlowRetryingRule:
         assert ctx.response_status == SetStateStatus.REJECT
         assert ctx.run.empirical_policy.retry_type == "in_process"
 
-    async def test_clears_retry_type_on_exhausted_retries(self, store: InMemoryStore) -> None:
+    async def test_clears_retry_type_on_exhausted_retries(self, store: AdminStore) -> None:
         """Exhausted retries clear a previous retry_type."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
         ctx.run.run_count = 2
@@ -79,7 +79,7 @@ class TestFlowRetryingRule:
         assert ctx.run.empirical_policy.retry_type is None
 
     async def test_awaiting_retry_is_due_after_retry_delay_and_carries_the_failure(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """AwaitingRetry is due after retry_delay and keeps the failure's message and data."""
         ctx = await initialize_orchestration(
@@ -104,7 +104,7 @@ class TestFlowRetryingRule:
         assert (validated.message, validated.data) == ("boom", {"type": "unpersisted"})
         assert ctx.response_details == StateRejectDetails(reason="Retrying")
 
-    async def test_retry_resets_pause_bookkeeping(self, store: InMemoryStore) -> None:
+    async def test_retry_resets_pause_bookkeeping(self, store: AdminStore) -> None:
         """A retried flow may pause again: pause keys and the resuming flag are cleared."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
         ctx.run.run_count = 1
@@ -115,7 +115,7 @@ class TestFlowRetryingRule:
         assert ctx.run.empirical_policy.pause_keys == set()
         assert ctx.run.empirical_policy.resuming is False
 
-    async def test_no_retries_configured_accepts_the_failure(self, store: InMemoryStore) -> None:
+    async def test_no_retries_configured_accepts_the_failure(self, store: AdminStore) -> None:
         """Without a retries setting the failure is final at once."""
         ctx = await initialize_orchestration(store, "flow", StateType.RUNNING, StateType.FAILED)
 
@@ -126,7 +126,7 @@ class TestFlowRetryingRule:
 
 
 class TestManualFlowRetries:
-    async def test_can_manual_retry_with_arbitrary_state_name(self, store: InMemoryStore) -> None:
+    async def test_can_manual_retry_with_arbitrary_state_name(self, store: AdminStore) -> None:
         """FAILED → any SCHEDULED state is a manual retry when the run has a deployment."""
         ctx = await initialize_orchestration(
             store,
@@ -144,7 +144,7 @@ class TestManualFlowRetries:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.run.run_count == 2
 
-    async def test_cannot_manual_retry_without_deployment(self, store: InMemoryStore) -> None:
+    async def test_cannot_manual_retry_without_deployment(self, store: AdminStore) -> None:
         """Nothing could pick up a rescheduled ad-hoc run, so it is aborted."""
         ctx = await initialize_orchestration(
             store,
@@ -165,7 +165,7 @@ class TestManualFlowRetries:
         assert ctx.run.run_count == 2
 
     async def test_manual_retrying_works_even_when_exceeding_max_retries(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A manual retry ignores the automatic retry budget."""
         ctx = await initialize_orchestration(
@@ -185,7 +185,7 @@ class TestManualFlowRetries:
         assert ctx.run.run_count == 2
 
     async def test_manual_retrying_bypasses_terminal_state_protection(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A manual retry keeps the run's attempt count."""
         ctx = await initialize_orchestration(
@@ -211,7 +211,7 @@ class TestManualFlowRetries:
     )
     async def test_manual_retry_updates_retry_type(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         proposed_state_type: StateType,
         expected_retry_type: str | None,
     ) -> None:

@@ -13,11 +13,11 @@ import datetime as dt
 import pytest
 
 from rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateWaitDetails,
 )
+from rules.store import AdminStore
 from schemas.states import StateType
 from tests.factories import RunType, initialize_orchestration
 from tests.unit.core.helpers import (
@@ -36,7 +36,7 @@ class TestWaitForScheduledTimeRule:
         "initial_state_type", [StateType.SCHEDULED, StateType.PENDING], ids=type_id
     )
     async def test_running_after_scheduled_start_time_is_not_delayed(
-        self, store: InMemoryStore, run_type: RunType, initial_state_type: StateType
+        self, store: AdminStore, run_type: RunType, initial_state_type: StateType
     ) -> None:
         """A run whose scheduled time has passed starts at once."""
         ctx = await initialize_orchestration(
@@ -57,7 +57,7 @@ class TestWaitForScheduledTimeRule:
         "initial_state_type", [StateType.SCHEDULED, StateType.PENDING], ids=type_id
     )
     async def test_running_before_scheduled_start_time_is_delayed(
-        self, store: InMemoryStore, run_type: RunType, initial_state_type: StateType
+        self, store: AdminStore, run_type: RunType, initial_state_type: StateType
     ) -> None:
         """A run proposed before its scheduled time is told to wait the remaining seconds."""
         ctx = await initialize_orchestration(
@@ -84,7 +84,7 @@ class TestWaitForScheduledTimeRule:
         ids=type_id,
     )
     async def test_scheduling_rule_does_not_fire_against_other_state_types(
-        self, store: InMemoryStore, run_type: RunType, proposed_state_type: StateType
+        self, store: AdminStore, run_type: RunType, proposed_state_type: StateType
     ) -> None:
         """Only transitions into RUNNING wait for the scheduled time."""
         transition = (StateType.SCHEDULED, proposed_state_type)
@@ -113,7 +113,7 @@ class TestWaitForScheduledTimeRule:
     )
     async def test_delay_is_rounded_to_the_nearest_second(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         run_type: RunType,
         offset_s: float,
         expected_status: SetStateStatus,
@@ -138,7 +138,7 @@ class TestWaitForScheduledTimeRule:
             )
 
     async def test_pending_without_scheduled_time_is_not_delayed(
-        self, store: InMemoryStore, run_type: RunType
+        self, store: AdminStore, run_type: RunType
     ) -> None:
         """A PENDING state that carries no scheduled time never waits."""
         ctx = await initialize_orchestration(
@@ -157,7 +157,7 @@ class TestWaitForScheduledTimeRule:
 @pytest.mark.parametrize("run_type", RUN_TYPES)
 class TestCopyScheduledTime:
     async def test_scheduled_time_copied_from_scheduled_to_pending(
-        self, store: InMemoryStore, run_type: RunType
+        self, store: AdminStore, run_type: RunType
     ) -> None:
         """The SCHEDULED state's time is carried onto the PENDING state."""
         scheduled_time = NOW - dt.timedelta(minutes=5)
@@ -188,7 +188,7 @@ class TestCopyScheduledTime:
         ids=type_id,
     )
     async def test_scheduled_time_not_copied_for_other_transitions(
-        self, store: InMemoryStore, run_type: RunType, proposed_state_type: StateType
+        self, store: AdminStore, run_type: RunType, proposed_state_type: StateType
     ) -> None:
         """Only SCHEDULED → PENDING copies the scheduled time."""
         transition = (StateType.SCHEDULED, proposed_state_type)
@@ -207,7 +207,7 @@ class TestCopyScheduledTime:
         assert await rule.invalid()
 
     async def test_proposed_scheduled_time_is_kept(
-        self, store: InMemoryStore, run_type: RunType
+        self, store: AdminStore, run_type: RunType
     ) -> None:
         """A scheduled time sent with the PENDING proposal wins over the SCHEDULED one."""
         proposed_time = NOW + dt.timedelta(hours=1)

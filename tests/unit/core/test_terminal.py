@@ -26,12 +26,12 @@ from rules.core.terminal import (
     PreventResultDataLoss,
     has_persisted_result,
 )
-from rules.memory import InMemoryStore
 from rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
+from rules.store import AdminStore
 from schemas.runs import FlowRunPolicy
 from schemas.states import State, StateType
 from tests.factories import initialize_orchestration
@@ -87,7 +87,7 @@ class TestTransitionsFromTerminalStatesRule:
         "intended_transition", [(t, StateType.CRASHED) for t in TERMINAL_STATES], ids=transition_id
     )
     async def test_transitions_from_terminal_states_to_crashed_are_aborted(
-        self, store: InMemoryStore, intended_transition: Transition
+        self, store: AdminStore, intended_transition: Transition
     ) -> None:
         """A terminal flow run cannot crash afterwards."""
         ctx = await initialize_orchestration(store, "flow", *intended_transition)
@@ -102,7 +102,7 @@ class TestTransitionsFromTerminalStatesRule:
         ids=transition_id,
     )
     async def test_transitions_from_terminal_states_to_cancelling_are_aborted(
-        self, store: InMemoryStore, intended_transition: Transition
+        self, store: AdminStore, intended_transition: Transition
     ) -> None:
         """A terminal flow run cannot be cancelled afterwards."""
         ctx = await initialize_orchestration(store, "flow", *intended_transition)
@@ -117,7 +117,7 @@ class TestTransitionsFromTerminalStatesRule:
     @pytest.mark.parametrize("intended_transition", completed_to_non_final, ids=transition_id)
     async def test_transitions_from_completed_to_non_final_states_allowed_without_persisted_result(
         self,
-        store: InMemoryStore,
+        store: AdminStore,
         intended_transition: Transition,
         initial_data: dict[str, str] | None,
     ) -> None:
@@ -145,7 +145,7 @@ class TestTransitionsFromTerminalStatesRule:
     )
     @pytest.mark.parametrize("intended_transition", completed_to_non_final, ids=transition_id)
     async def test_transitions_from_completed_to_non_final_states_rejected_with_persisted_result(
-        self, store: InMemoryStore, intended_transition: Transition, initial_data: object
+        self, store: AdminStore, intended_transition: Transition, initial_data: object
     ) -> None:
         """A COMPLETED flow run with a persisted result stays COMPLETED (null reject)."""
         ctx = await initialize_orchestration(
@@ -160,7 +160,7 @@ class TestTransitionsFromTerminalStatesRule:
 
     @pytest.mark.parametrize("intended_transition", active_transitions, ids=transition_id)
     async def test_does_not_block_transitions_from_non_terminal_states(
-        self, store: InMemoryStore, intended_transition: Transition
+        self, store: AdminStore, intended_transition: Transition
     ) -> None:
         """The rule does not apply to runs that are not in a terminal state."""
         ctx = await initialize_orchestration(store, "flow", *intended_transition)
@@ -177,7 +177,7 @@ class TestHandleFlowTerminalStateTransitions:
         ids=transition_id,
     )
     async def test_abort_reason_names_the_terminal_type(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """The abort reason carries the initial type's value."""
         ctx = await initialize_orchestration(store, "flow", *intended_transition)
@@ -192,7 +192,7 @@ class TestHandleFlowTerminalStateTransitions:
         "proposed_state_type", [StateType.FAILED, StateType.CANCELLED], ids=type_id
     )
     async def test_persisted_completed_result_does_not_block_other_final_targets(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """Unlike tasks, a persisted COMPLETED flow may still be moved to another final state."""
         ctx = await initialize_orchestration(
@@ -217,7 +217,7 @@ class TestHandleFlowTerminalStateTransitions:
         ids=transition_id,
     )
     async def test_leaving_a_terminal_state_resets_pause_bookkeeping(
-        self, store: InMemoryStore, intended_transition: tuple[StateType, StateType]
+        self, store: AdminStore, intended_transition: tuple[StateType, StateType]
     ) -> None:
         """A rerun starts without pause keys, resuming flag or retry type."""
         ctx = await initialize_orchestration(store, "flow", *intended_transition)
@@ -230,7 +230,7 @@ class TestHandleFlowTerminalStateTransitions:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert ctx.run.empirical_policy == FlowRunPolicy(retries=2)
 
-    async def test_final_to_final_keeps_the_policy(self, store: InMemoryStore) -> None:
+    async def test_final_to_final_keeps_the_policy(self, store: AdminStore) -> None:
         """Moving between final states leaves the pause bookkeeping alone."""
         ctx = await initialize_orchestration(store, "flow", StateType.FAILED, StateType.COMPLETED)
         policy = FlowRunPolicy(pause_keys={"k"}, resuming=True, retry_type="in_process")
@@ -240,9 +240,7 @@ class TestHandleFlowTerminalStateTransitions:
 
         assert ctx.run.empirical_policy == policy
 
-    async def test_cleanup_restores_the_empirical_policy_on_fizzle(
-        self, store: InMemoryStore
-    ) -> None:
+    async def test_cleanup_restores_the_empirical_policy_on_fizzle(self, store: AdminStore) -> None:
         """If a later rule changes the transition, the policy reset is undone."""
         ctx = await initialize_orchestration(
             store, "flow", StateType.FAILED, StateType.SCHEDULED, deployment_id=uuid.uuid4()
@@ -263,7 +261,7 @@ class TestPreventResultDataLoss:
     transition = (StateType.COMPLETED, StateType.COMPLETED)
 
     async def test_rejects_completed_to_completed_when_result_data_is_lost(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A bare COMPLETED cannot replace one that points at a persisted result."""
         ctx = await initialize_orchestration(
@@ -281,7 +279,7 @@ class TestPreventResultDataLoss:
         assert ctx.validated_state.data == PERSISTED_RESULT
 
     async def test_allows_completed_to_completed_without_result_data(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """Nothing to lose: COMPLETED without data may be replaced."""
         ctx = await initialize_orchestration(store, "flow", *self.transition)
@@ -291,7 +289,7 @@ class TestPreventResultDataLoss:
         assert ctx.response_status == SetStateStatus.ACCEPT
 
     async def test_allows_completed_to_completed_with_unpersisted_initial(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """An unpersisted result is not protected."""
         ctx = await initialize_orchestration(
@@ -302,7 +300,7 @@ class TestPreventResultDataLoss:
 
         assert ctx.response_status == SetStateStatus.ACCEPT
 
-    async def test_handle_flow_terminal_also_rejects_data_loss(self, store: InMemoryStore) -> None:
+    async def test_handle_flow_terminal_also_rejects_data_loss(self, store: AdminStore) -> None:
         """The core terminal rule applies the same data-loss guard."""
         ctx = await initialize_orchestration(
             store, "flow", *self.transition, initial_state_data=PERSISTED_RESULT
@@ -318,7 +316,7 @@ class TestPreventResultDataLoss:
 
     @pytest.mark.parametrize("initial_data", SCALAR_DATA, ids=type_id)
     async def test_accepts_scalar_initial_data(
-        self, store: InMemoryStore, initial_data: object
+        self, store: AdminStore, initial_data: object
     ) -> None:
         """Inline (scalar or list) data is not a persisted result: no error, no reject."""
         ctx = await initialize_orchestration(
@@ -332,7 +330,7 @@ class TestPreventResultDataLoss:
 
     @pytest.mark.parametrize("proposed_data", SCALAR_DATA, ids=type_id)
     async def test_accepts_scalar_proposed_data_with_persisted_initial(
-        self, store: InMemoryStore, proposed_data: object
+        self, store: AdminStore, proposed_data: object
     ) -> None:
         """Inline data does not replace a persisted result (Prefect's name; it rejects)."""
         ctx = await initialize_orchestration(
@@ -350,7 +348,7 @@ class TestPreventResultDataLoss:
 
     @pytest.mark.parametrize("initial_data", SCALAR_DATA, ids=type_id)
     async def test_handle_flow_terminal_accepts_scalar_initial_data(
-        self, store: InMemoryStore, initial_data: object
+        self, store: AdminStore, initial_data: object
     ) -> None:
         """The terminal rule does not trip over inline data either."""
         ctx = await initialize_orchestration(
@@ -363,7 +361,7 @@ class TestPreventResultDataLoss:
         assert ctx.orchestration_error is None
 
     async def test_allows_replacing_a_persisted_result_with_another(
-        self, store: InMemoryStore
+        self, store: AdminStore
     ) -> None:
         """A new persisted result may replace the old one."""
         ctx = await initialize_orchestration(
@@ -384,7 +382,7 @@ class TestPreventResultDataLoss:
         ids=type_id,
     )
     async def test_other_terminal_targets_are_not_concerned(
-        self, store: InMemoryStore, proposed_state_type: StateType
+        self, store: AdminStore, proposed_state_type: StateType
     ) -> None:
         """Only COMPLETED → COMPLETED is guarded."""
         ctx = await initialize_orchestration(
