@@ -318,7 +318,17 @@ async def _consume_until_stopped(
         purger = asyncio.create_task(consumer.purge_forever())
         await stop.wait()
         log.info("stopping: draining %d in-flight proposals", len(consumer._in_flight))
-        await consumer.drain()
+        try:
+            await asyncio.wait_for(consumer.drain(), settings.shutdown_timeout_s)
+        except TimeoutError:
+            # Typically the broker is unreachable. Nothing is lost: whatever was not acked
+            # is redelivered to another worker, and committed work replays its outcome.
+            log.warning(
+                "stopping: gave up after %.0f s (ARBITER_SHUTDOWN_TIMEOUT_S) with %d"
+                " proposals unsettled; the broker will redeliver them",
+                settings.shutdown_timeout_s,
+                len(consumer._in_flight),
+            )
         purger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await purger

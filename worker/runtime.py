@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -19,6 +21,10 @@ from rules.engine import Orchestrator, PolicySet, default_policies
 from rules.policy import BaseOrchestrationPolicy
 from worker.db.engine import create_engine
 from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 5.0
 
 
 class ServiceError(Exception):
@@ -122,4 +128,9 @@ async def build_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         try:
             yield Runtime(engine=engine, connection=connection, orchestrator=orchestrator)
         finally:
-            await connection.close()
+            # A robust connection that is reconnecting to an unreachable broker would
+            # wait for it; an unclean close loses nothing (unacked deliveries come back).
+            try:
+                await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("the broker connection did not close within %.0f s", CLOSE_TIMEOUT_S)

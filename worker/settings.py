@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     retry_max_wait_s: float = Field(default=2.0, gt=0)
     retention_days: float = Field(default=7.0, gt=0)
     lock_timeout_s: float = Field(default=10.0, gt=0)
+    # SIGTERM: how long to let in-flight proposals finish (the broker may be unreachable).
+    shutdown_timeout_s: float = Field(default=30.0, gt=0)
 
     flow_policy: str | None = None
     task_policy: str | None = None

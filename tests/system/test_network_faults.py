@@ -1,0 +1,157 @@
+"""Network faults between a worker and its servers: nothing lost, nothing doubled.
+
+The worker process reaches RabbitMQ and PostgreSQL only through TCP proxies that abort
+every open connection, again and again, while 360 proposals are in flight. The broker
+connection is re-established by aio-pika (unacked deliveries come back and are
+replayed); a dead database connection fails its statement with a retryable error and
+the transaction is retried on a new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from tests.fixtures.proxy import CuttableProxy, proxy_for
+from worker.client import ArbiterClient
+from worker.db.engine import create_engine
+from worker.pool import WorkerPool
+from worker.settings import Settings
+
+pytestmark = pytest.mark.system
+
+LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
+RUNS = 120  # 360 proposals
+IN_FLIGHT_RUNS = 24
+CUT_EVERY_S = 0.8
+
+
+async def drive(client: ArbiterClient, run_id: uuid.UUID, done: list[int]) -> list[OutcomeStatus]:
+    statuses = []
+    for index, state_type in enumerate(LIFECYCLE):
+        outcome = await client.propose(
+            "task_run",
+            run_id,
+            ProposedState(type=state_type),
+            run=TaskRunSpec(task_key="flaky-network") if index == 0 else None,
+            timeout_s=120,
+        )
+        statuses.append(outcome.status)
+        done[0] += 1
+    return statuses
+
+
+async def keep_cutting(proxies: list[CuttableProxy], stop: asyncio.Event) -> int:
+    """Abort every proxied connection, alternating servers, until ``stop``; returns how many."""
+    aborted = 0
+    turn = 0
+    while not stop.is_set():
+        await asyncio.sleep(CUT_EVERY_S)
+        aborted += proxies[turn % len(proxies)].cut()
+        turn += 1
+    return aborted
+
+
+@pytest.mark.timeout(300)
+async def test_connections_cut_again_and_again_lose_nothing_and_double_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Every proposal is answered ACCEPT, every run has exactly its three states and three
+    processed ids, though both of the worker's connections kept dying under it."""
+    # Both sides declare the queue, so they must agree on its arguments (delivery limit).
+    settings = settings.model_copy(
+        update={"lock_timeout_s": 2.0, "delivery_limit": 1000, "retry_max_wait_s": 0.5}
+    )
+    async with proxy_for(settings.amqp_url) as broker, proxy_for(settings.database_url) as db:
+        flaky = settings.model_copy(
+            update={
+                "amqp_url": broker.url_through(settings.amqp_url),
+                "database_url": db.url_through(settings.database_url),
+            }
+        )
+        run_ids = [uuid.uuid4() for _ in range(RUNS)]
+        done = [0]
+        slots = asyncio.Semaphore(IN_FLIGHT_RUNS)
+
+        async def bounded(run_id: uuid.UUID) -> list[OutcomeStatus]:
+            async with slots:
+                return await drive(client, run_id, done)
+
+        with WorkerPool(flaky, tmp_path, concurrency=8) as pool:
+            pool.start()
+            async with ArbiterClient.connect(settings=settings) as client:  # direct, not cut
+                stop = asyncio.Event()
+                cutter = asyncio.create_task(keep_cutting([broker, db], stop))
+                results = await asyncio.gather(*(bounded(run_id) for run_id in run_ids))
+                stop.set()
+                aborted = await cutter
+            # The proxies run on this loop: stop the pool from a thread so they keep serving.
+            codes = await asyncio.to_thread(pool.stop)
+        log = (tmp_path / "worker-0.log").read_text()
+
+    assert broker.cuts >= 2, "the run ended before the broker connection was cut"
+    assert db.cuts >= 2, "the run ended before the database connections were cut"
+    assert aborted > 0
+    assert "Reconnecting" in log
+    assert all(statuses == [OutcomeStatus.ACCEPT] * 3 for statuses in results)
+    assert codes == [0]
+
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            ids = [str(r) for r in run_ids]
+            rows = await conn.execute(
+                text(
+                    "SELECT task_run_id, count(*) FROM task_run_state "
+                    "WHERE task_run_id = ANY(CAST(:ids AS uuid[])) GROUP BY task_run_id"
+                ),
+                {"ids": ids},
+            )
+            counts = {str(r[0]): r[1] for r in rows}
+            processed = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM processed_proposal "
+                    "WHERE run_id = ANY(CAST(:ids AS uuid[]))"
+                ),
+                {"ids": ids},
+            )
+    finally:
+        await engine.dispose()
+    assert counts == dict.fromkeys(ids, 3)
+    assert processed == RUNS * len(LIFECYCLE)
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_while_the_broker_is_unreachable_still_exits(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The broker goes away (its connection cut, new ones refused), then SIGTERM: the worker
+    gives up waiting after ARBITER_SHUTDOWN_TIMEOUT_S and exits 0 instead of hanging."""
+    async with proxy_for(settings.amqp_url) as broker:
+        flaky = settings.model_copy(
+            update={"amqp_url": broker.url_through(settings.amqp_url), "shutdown_timeout_s": 2.0}
+        )
+        with WorkerPool(flaky, tmp_path) as pool:
+            pool.start()
+            async with ArbiterClient.connect(settings=settings) as client:
+                outcome = await client.propose(
+                    "task_run",
+                    uuid.uuid4(),
+                    ProposedState(type=StateType.PENDING),
+                    run=TaskRunSpec(),
+                    timeout_s=60,
+                )
+            assert outcome.status is OutcomeStatus.ACCEPT
+            broker.refusing = True
+            broker.cut()
+            await asyncio.sleep(0.5)
+            started = asyncio.get_running_loop().time()
+            codes = await asyncio.to_thread(pool.stop, 60)
+            took = asyncio.get_running_loop().time() - started
+    assert codes == [0]
+    assert took < 20, f"shutdown took {took:.1f} s"
