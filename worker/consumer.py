@@ -26,6 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
     DeliveryMode,
 )
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -49,6 +50,9 @@ from worker.unit_of_work import Processed, purge_cutoff, run_in_transaction
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 600.0
+OUTAGE_PROBE_TIMEOUT_S = 2.0
+OUTAGE_FIRST_PROBE_S = 0.5
+OUTAGE_MAX_PROBE_S = 5.0
 
 
 @dataclass
@@ -142,12 +146,19 @@ class Consumer:
             return
         try:
             processed = await self._process_with_retries(decoded)
-        except Exception:
-            log.exception("proposal %s: giving up for now, requeued", decoded.proposal.proposal_id)
-            self.stats.requeued += 1
-            self.metrics.requeued.inc()
-            await message.nack(requeue=True)
-            return
+        except Exception as exc:
+            if is_transient(exc) and not await self._database_reachable():
+                # An outage, not this proposal's fault: hold the delivery until the database
+                # is back instead of spending its delivery attempts (and dead-lettering it).
+                processed = await self._outlast_outage(decoded)
+            else:
+                log.exception(
+                    "proposal %s: giving up for now, requeued", decoded.proposal.proposal_id
+                )
+                self.stats.requeued += 1
+                self.metrics.requeued.inc()
+                await message.nack(requeue=True)
+                return
         if processed.invalid is not None:
             await self._refuse(message, processed.invalid)
             return
@@ -187,6 +198,41 @@ class Consumer:
         except RetryError as exc:  # pragma: no cover - reraise=True re-raises the cause
             raise exc.last_attempt.exception() or exc from None
         raise AssertionError("unreachable")
+
+    async def _database_reachable(self) -> bool:
+        """Whether a trivial query succeeds now (a new connection if the pooled one died)."""
+        try:
+            async with asyncio.timeout(OUTAGE_PROBE_TIMEOUT_S), self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def _outlast_outage(self, decoded: Decoded) -> Processed:
+        """Probe the database with capped backoff; once it answers, process the proposal.
+
+        Other deliveries in flight do the same, and the prefetch window stops the broker
+        from sending more, so the worker idles through the outage. SIGTERM still ends it
+        after ARBITER_SHUTDOWN_TIMEOUT_S; the held deliveries are then redelivered.
+        """
+        self.metrics.held.inc()
+        log.warning(
+            "proposal %s: the database is unreachable; holding it", decoded.proposal.proposal_id
+        )
+        delay = OUTAGE_FIRST_PROBE_S
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, OUTAGE_MAX_PROBE_S)
+                if not await self._database_reachable():
+                    continue
+                try:
+                    return await self._process_with_retries(decoded)
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+        finally:
+            self.metrics.held.dec()
 
     async def _refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
         """INVALID: publish the outcome when a route exists, dead-letter a copy, ack."""

@@ -60,6 +60,12 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.held = Gauge(
+            "arbiter_held_for_outage",
+            "Deliveries held while the database is unreachable (not requeued, so their"
+            " delivery attempts are not spent).",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "arbiter_in_flight",
             "Deliveries being processed now.",

@@ -155,3 +155,59 @@ async def test_sigterm_while_the_broker_is_unreachable_still_exits(
             took = asyncio.get_running_loop().time() - started
     assert codes == [0]
     assert took < 20, f"shutdown took {took:.1f} s"
+
+
+@pytest.mark.timeout(120)
+async def test_a_database_outage_longer_than_the_retry_budget_costs_no_proposal(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """PostgreSQL unreachable for several seconds, far longer than two attempts of two tries
+    each: the worker holds the deliveries instead of spending their delivery attempts, and
+    once the database is back every proposal is answered; none is dead-lettered."""
+    settings = settings.model_copy(
+        update={"delivery_limit": 2, "retry_attempts": 2, "retry_max_wait_s": 0.1}
+    )
+    async with proxy_for(settings.database_url) as db:
+        flaky = settings.model_copy(update={"database_url": db.url_through(settings.database_url)})
+        with WorkerPool(flaky, tmp_path, concurrency=8) as pool:
+            pool.start()
+            async with ArbiterClient.connect(settings=settings) as client:
+                warm = await client.propose(
+                    "task_run",
+                    uuid.uuid4(),
+                    ProposedState(type=StateType.PENDING),
+                    run=TaskRunSpec(),
+                    timeout_s=60,
+                )
+                assert warm.status is OutcomeStatus.ACCEPT
+                db.refusing = True
+                db.cut()
+                futures = [
+                    await client.publish(
+                        "task_run",
+                        uuid.uuid4(),
+                        ProposedState(type=StateType.PENDING),
+                        run=TaskRunSpec(),
+                    )
+                    for _ in range(40)
+                ]
+                await asyncio.sleep(6)
+                assert not any(future.done() for future in futures)
+                db.refusing = False
+                outcomes = await asyncio.wait_for(asyncio.gather(*futures), 60)
+            codes = await asyncio.to_thread(pool.stop)
+        log = (tmp_path / "worker-0.log").read_text()
+    assert [outcome.status for outcome in outcomes] == [OutcomeStatus.ACCEPT] * 40
+    assert "the database is unreachable; holding it" in log
+    assert codes == [0]
+    assert await dead_letter_count(settings) == 0
+
+
+async def dead_letter_count(settings: Settings) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(settings.dead_queue, passive=True)
+        return queue.declaration_result.message_count or 0
