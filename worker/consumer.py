@@ -178,11 +178,10 @@ class Consumer:
             return
         await message.ack()
         self._count(processed)
-        self.metrics.settled(
-            processed.outcome,
-            replayed=processed.replayed,
-            seconds=time.perf_counter() - started,
-        )
+        seconds = time.perf_counter() - started
+        self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", decision_line(processed, seconds))
 
     async def _process_with_retries(self, decoded: Decoded) -> Processed:
         retrying = AsyncRetrying(
@@ -326,6 +325,21 @@ class Consumer:
             except Exception:
                 log.exception("purging processed proposals failed; will try again")
             await asyncio.sleep(PURGE_INTERVAL_S)
+
+
+def decision_line(processed: Processed, seconds: float) -> str:
+    """One line per settled proposal (at DEBUG): what was decided, by which rules, how fast."""
+    outcome = processed.outcome
+    state = outcome.state
+    written = f"{state.type.value} {state.name!r}" if state is not None else "no state"
+    if processed.replayed:
+        why = "replay of the stored outcome"
+    else:
+        why = ", ".join(f"{t.rule} {t.effect.value}" for t in outcome.rule_trace) or "no rule"
+    return (
+        f"{outcome.run_kind} {outcome.run_id} proposal {outcome.proposal_id}: "
+        f"{outcome.status.value} -> {written} [{why}] in {seconds * 1000:.1f} ms"
+    )
 
 
 async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -105,3 +106,27 @@ async def test_a_port_in_use_is_a_clear_error_naming_the_setting(
         settings = isolated_settings(services, database_url, metrics_port=port)
         with pytest.raises(ServiceError, match=f"ARBITER_METRICS_PORT.*{port}"):
             await run_worker(settings)
+
+
+async def test_the_debug_log_has_a_line_per_decision_naming_its_rules(
+    services: Services, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At DEBUG each settled proposal logs its status, the state written and the rules
+    that changed it; a replay says so."""
+    settings = isolated_settings(services, database_url)
+    run_id = uuid.uuid4()
+    later = utcnow() + dt.timedelta(hours=1)
+    scheduled = ProposedState(
+        type=StateType.SCHEDULED, state_details=StateDetails(scheduled_time=later)
+    )
+    caplog.set_level(logging.DEBUG, logger="worker.consumer")
+    async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
+        await client.propose("flow_run", run_id, scheduled, run=FlowRunSpec())
+        await client.propose("flow_run", run_id, ProposedState(type=StateType.PENDING))
+        waited = await client.propose("flow_run", run_id, ProposedState(type=StateType.RUNNING))
+    assert waited.status is OutcomeStatus.WAIT
+    lines = [r.getMessage() for r in caplog.records if f"flow_run {run_id}" in r.getMessage()]
+    assert len(lines) == 3
+    assert "ACCEPT -> SCHEDULED 'Scheduled' [no rule]" in lines[0]
+    assert "ACCEPT -> PENDING 'Pending' [CopyScheduledTime mutate]" in lines[1]
+    assert "WAIT -> PENDING 'Pending' [WaitForScheduledTime wait]" in lines[2]
