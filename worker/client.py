@@ -1,7 +1,10 @@
 """An async executor client: publish a proposal, await its outcome.
 
 Outcomes are matched by proposal id (the outcome's ``message_id``), and
-repeated deliveries of one outcome (at-least-once) are dropped. With
+repeated deliveries of one outcome (at-least-once) are dropped. An outcome
+published while the client's connection was down is lost with its private reply
+queue, so after a reconnect the client publishes every unanswered proposal again:
+the same proposal id is processed at most once, so the worker answers a replay. With
 ``follow_waits`` the client sleeps through WAIT outcomes and proposes again
 with a fresh proposal id, as a Prefect client would.
 
@@ -19,7 +22,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, DeliveryMode
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
 
 from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, RunKind, TaskRunSpec
 from worker.settings import Settings
@@ -40,6 +49,9 @@ class ArbiterClient:
         self._settings = settings
         self._reply_key = f"reply.{uuid.uuid4()}"
         self._pending: dict[uuid.UUID, asyncio.Future[Outcome]] = {}
+        self._unanswered: dict[uuid.UUID, aio_pika.Message] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.republished = 0
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._channel: AbstractChannel | None = None
         self._topology: Topology | None = None
@@ -60,6 +72,8 @@ class ArbiterClient:
             await connection.close()
 
     async def _start(self) -> None:
+        if isinstance(self._connection, AbstractRobustConnection):
+            self._connection.reconnect_callbacks.add(self._on_reconnect)
         self._channel = await self._connection.channel(publisher_confirms=True)
         self._topology = await declare_topology(self._channel, self._settings)
         queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
@@ -75,6 +89,7 @@ class ArbiterClient:
             self.duplicates_dropped += 1
             return
         future = self._pending.pop(proposal_id, None)
+        self._unanswered.pop(proposal_id, None)
         if future is None:
             return
         self._seen[proposal_id] = None
@@ -116,14 +131,36 @@ class ArbiterClient:
             correlation_id=str(proposal_id),
             reply_to=self._reply_key,
         )
+        self._unanswered[proposal_id] = message
         try:
             await self._topology.proposals_exchange.publish(
                 message, routing_key=self._settings.proposals_routing_key
             )
         except BaseException:
-            self._pending.pop(proposal_id, None)
+            self._forget(proposal_id)
             raise
         return future
+
+    def _forget(self, proposal_id: uuid.UUID) -> None:
+        self._pending.pop(proposal_id, None)
+        self._unanswered.pop(proposal_id, None)
+
+    def _on_reconnect(self, *_: object) -> None:
+        task = asyncio.get_running_loop().create_task(self._republish_unanswered())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _republish_unanswered(self) -> None:
+        """Publish again what is still waiting for an outcome (replays if already processed)."""
+        assert self._topology is not None
+        for proposal_id, message in list(self._unanswered.items()):
+            if proposal_id not in self._unanswered:
+                continue  # answered meanwhile
+            with contextlib.suppress(Exception):  # down again: the next reconnect retries
+                await self._topology.proposals_exchange.publish(
+                    message, routing_key=self._settings.proposals_routing_key
+                )
+                self.republished += 1
 
     async def propose(
         self,
@@ -139,10 +176,14 @@ class ArbiterClient:
     ) -> Outcome:
         """Fire a proposal and await its outcome; optionally sleep through WAITs and retry."""
         while True:
-            future = await self.publish(run_kind, run_id, state, run=run, force=force)
+            proposal_id = uuid.uuid4()
+            future = await self.publish(
+                run_kind, run_id, state, run=run, force=force, proposal_id=proposal_id
+            )
             try:
                 outcome = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:
+                self._forget(proposal_id)
                 raise OutcomeTimeoutError(
                     f"no outcome for a {run_kind} {run_id} proposal within {timeout_s} s"
                 ) from None

@@ -211,3 +211,46 @@ async def dead_letter_count(settings: Settings) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(settings.dead_queue, passive=True)
         return queue.declaration_result.message_count or 0
+
+
+@pytest.mark.timeout(120)
+async def test_an_executor_whose_connection_drops_still_gets_every_outcome(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The executor's connection is cut with 60 proposals unanswered: outcomes published
+    meanwhile are lost with its reply queue, so after reconnecting the client publishes
+    the unanswered ones again; the worker answers replays, and nothing is written twice."""
+    run_ids = [uuid.uuid4() for _ in range(60)]
+    async with proxy_for(settings.amqp_url) as broker:
+        flaky = settings.model_copy(update={"amqp_url": broker.url_through(settings.amqp_url)})
+        with WorkerPool(settings, tmp_path, concurrency=8) as pool:
+            pool.start()
+            async with ArbiterClient.connect(settings=flaky) as client:
+                futures = [
+                    await client.publish(
+                        "task_run",
+                        run_id,
+                        ProposedState(type=StateType.PENDING),
+                        run=TaskRunSpec(),
+                    )
+                    for run_id in run_ids
+                ]
+                broker.cut()
+                outcomes = await asyncio.wait_for(asyncio.gather(*futures), 60)
+                republished = client.republished
+            await asyncio.to_thread(pool.stop)
+    assert [outcome.status for outcome in outcomes] == [OutcomeStatus.ACCEPT] * 60
+    assert republished > 0
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT count(*) FROM task_run_state "
+                    "WHERE task_run_id = ANY(CAST(:ids AS uuid[]))"
+                ),
+                {"ids": [str(r) for r in run_ids]},
+            )
+            assert rows.scalar() == 60
+    finally:
+        await engine.dispose()
