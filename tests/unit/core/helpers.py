@@ -9,13 +9,15 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Sequence
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 
 from rules.base import (
     ALL_ORCHESTRATION_STATES,
     TERMINAL_TYPES,
+    BaseOrchestrationRule,
+    FlowRunOrchestrationRule,
     StateTypeOrNone,
     TaskRunOrchestrationRule,
 )
@@ -71,25 +73,32 @@ async def apply_rules(
     return ctx
 
 
-def rejecting_rule(to_type: StateType) -> type[TaskRunOrchestrationRule]:
-    """A task-run rule that rejects any transition into a copy of the proposed state of
-    ``to_type``."""
+def rejecting_rule(
+    to_type: StateType,
+    base: type[FlowRunOrchestrationRule] | type[TaskRunOrchestrationRule] = (
+        TaskRunOrchestrationRule
+    ),
+) -> RuleClass:
+    """A rule (a task-run rule unless ``base`` says otherwise) that rejects any transition
+    into a copy of the proposed state of ``to_type``."""
 
-    class RejectIntoAnotherType(TaskRunOrchestrationRule):
-        FROM_STATES = ALL_ORCHESTRATION_STATES
-        TO_STATES = ALL_ORCHESTRATION_STATES
+    async def before_transition(
+        self: BaseOrchestrationRule[Any],
+        initial_state: State | None,
+        proposed_state: State | None,
+        context: OrchestrationContext[Any],
+    ) -> None:
+        assert proposed_state is not None
+        mutated = proposed_state.model_copy(update={"type": to_type})
+        await self.reject_transition(mutated, reason="gotta fizzle some rules, for fun")
 
-        async def before_transition(
-            self,
-            initial_state: State | None,
-            proposed_state: State | None,
-            context: TaskOrchestrationContext,
-        ) -> None:
-            assert proposed_state is not None
-            mutated = proposed_state.model_copy(update={"type": to_type})
-            await self.reject_transition(mutated, reason="gotta fizzle some rules, for fun")
-
-    return RejectIntoAnotherType
+    namespace = {
+        "FROM_STATES": ALL_ORCHESTRATION_STATES,
+        "TO_STATES": ALL_ORCHESTRATION_STATES,
+        "before_transition": before_transition,
+    }
+    rule: RuleClass = type("RejectIntoAnotherType", (base,), namespace)
+    return rule
 
 
 class AbortingRule(TaskRunOrchestrationRule):

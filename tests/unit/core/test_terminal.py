@@ -16,11 +16,9 @@ from itertools import product
 import pytest
 
 from rules.base import (
-    ALL_ORCHESTRATION_STATES,
     FlowRunOrchestrationRule,
     StateTypeOrNone,
 )
-from rules.context import FlowOrchestrationContext
 from rules.core.terminal import (
     HandleFlowTerminalStateTransitions,
     PreventResultDataLoss,
@@ -33,7 +31,7 @@ from rules.results import (
 )
 from rules.store import AdminStore
 from schemas.runs import FlowRunPolicy
-from schemas.states import State, StateType
+from schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,
@@ -41,6 +39,7 @@ from tests.unit.core.helpers import (
     PERSISTED_RESULT,
     TERMINAL_STATES,
     apply_rules,
+    rejecting_rule,
     transition_id,
     type_id,
 )
@@ -49,26 +48,6 @@ SCALAR_DATA = [1, "hello", True, [1, 2, 3]]
 
 
 Transition = tuple[StateTypeOrNone, StateTypeOrNone]
-
-
-def rejecting_rule(to_type: StateType) -> type[FlowRunOrchestrationRule]:
-    """A rule that rejects any transition into a copy of the proposed state of ``to_type``."""
-
-    class RejectIntoAnotherType(FlowRunOrchestrationRule):
-        FROM_STATES = ALL_ORCHESTRATION_STATES
-        TO_STATES = ALL_ORCHESTRATION_STATES
-
-        async def before_transition(
-            self,
-            initial_state: State | None,
-            proposed_state: State | None,
-            context: FlowOrchestrationContext,
-        ) -> None:
-            assert proposed_state is not None
-            mutated = proposed_state.model_copy(update={"type": to_type})
-            await self.reject_transition(mutated, reason="gotta fizzle some rules, for fun")
-
-    return RejectIntoAnotherType
 
 
 class TestTransitionsFromTerminalStatesRule:
@@ -248,9 +227,8 @@ class TestHandleFlowTerminalStateTransitions:
         policy = FlowRunPolicy(retries=3, pause_keys={"k"}, resuming=True, retry_type="in_process")
         ctx.run.empirical_policy = policy.model_copy(deep=True)
 
-        ctx = await apply_rules(
-            ctx, [HandleFlowTerminalStateTransitions, rejecting_rule(StateType.CANCELLED)]
-        )
+        to_cancelled = rejecting_rule(StateType.CANCELLED, FlowRunOrchestrationRule)
+        ctx = await apply_rules(ctx, [HandleFlowTerminalStateTransitions, to_cancelled])
 
         assert ctx.response_status == SetStateStatus.REJECT
         assert ctx.validated_state_type == StateType.CANCELLED
