@@ -141,6 +141,11 @@ class ArbiterClient:
             raise
         return future
 
+    @property
+    def unanswered(self) -> int:
+        """Proposals published and still waiting for their outcome."""
+        return len(self._pending)
+
     def _forget(self, proposal_id: uuid.UUID) -> None:
         self._pending.pop(proposal_id, None)
         self._unanswered.pop(proposal_id, None)
