@@ -81,6 +81,28 @@ async def _runs_show(settings: Settings, run_id: str, as_json: bool) -> int:
     return 0
 
 
+async def _proposals_show(settings: Settings, proposal_id: str) -> int:
+    """The stored answer to a proposal id: what a replay would publish again."""
+    from worker.db.store import PgStore
+
+    try:
+        parsed = uuid.UUID(proposal_id)
+    except ValueError:
+        raise ServiceError(f"PROPOSAL_ID {proposal_id!r} is not a UUID") from None
+    async with open_database(settings) as engine, engine.connect() as conn:
+        known = await PgStore(conn).find_processed(parsed)
+    if known is None:
+        print(
+            f"arbiter: proposal {parsed} is not recorded (never processed, INVALID,"
+            " or older than the retention window)",
+            file=sys.stderr,
+        )
+        return 1
+    document = {"outcome": json.loads(known.outcome_json), "outbox": json.loads(known.outbox_json)}
+    print(json.dumps(document, indent=2))
+    return 0
+
+
 async def _limits(settings: Settings, args: argparse.Namespace) -> int:
     from worker.db.store import PgStore
 
@@ -129,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = runs.add_parser("show", help="a run and its state history, oldest first")
     show.add_argument("run_id")
     show.add_argument("--json", action="store_true")
+    proposals = commands.add_parser("proposals", help="inspect processed proposals")
+    proposal_commands = proposals.add_subparsers(dest="proposals_command", required=True)
+    shown = proposal_commands.add_parser(
+        "show", help="the stored outcome and outbox of a proposal id, as JSON"
+    )
+    shown.add_argument("proposal_id")
     limits = commands.add_parser("limits", help="tag concurrency limits").add_subparsers(
         dest="limits_command", required=True
     )
@@ -166,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_worker(settings))
         if args.command == "runs":
             return asyncio.run(_runs_show(settings, args.run_id, args.json))
+        if args.command == "proposals":
+            return asyncio.run(_proposals_show(settings, args.proposal_id))
         return asyncio.run(_limits(settings, args))
     except ServiceError as exc:
         print(f"arbiter: error: {exc}", file=sys.stderr)

@@ -86,6 +86,31 @@ def test_runs_show_of_an_unknown_run_fails_cleanly(settings: Settings) -> None:
     assert "Traceback" not in garbage.stderr
 
 
+async def test_proposals_show_prints_the_stored_outcome_and_outbox(
+    settings: Settings, client: ArbiterClient
+) -> None:
+    """`proposals show ID` prints what the proposal got and what a replay would publish;
+    an unknown id exits 1, a non-UUID exits 2."""
+    run_id = uuid.uuid4()
+    outcome = await client.propose(
+        "flow_run", run_id, ProposedState(type=StateType.PENDING), run=FlowRunSpec(name="asked")
+    )
+    result = arbiter(settings, "proposals", "show", str(outcome.proposal_id))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["outcome"]["status"] == "ACCEPT"
+    assert document["outcome"]["run_id"] == str(run_id)
+    assert [message["routing_key"] for message in document["outbox"]] == [
+        "prefect.flow-run.Pending"
+    ]
+    unknown = arbiter(settings, "proposals", "show", str(uuid.uuid4()))
+    assert unknown.returncode == 1
+    assert "is not recorded" in unknown.stderr
+    garbage = arbiter(settings, "proposals", "show", "nope")
+    assert garbage.returncode == 2
+    assert "PROPOSAL_ID" in garbage.stderr
+
+
 @pytest.mark.parametrize(
     ("env", "named"),
     [
