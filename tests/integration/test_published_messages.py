@@ -45,7 +45,7 @@ async def events(settings: Settings, worker: asyncio.Event) -> AsyncIterator[Out
         yield tap
 
 
-async def drain(tap: OutcomeTap, settle_s: float = 0.3) -> list[AbstractIncomingMessage]:
+async def drain(tap: OutcomeTap, settle_s: float = 0.75) -> list[AbstractIncomingMessage]:
     """Everything the tap holds once nothing more arrives for ``settle_s``."""
     received: list[AbstractIncomingMessage] = []
     while True:
