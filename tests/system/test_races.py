@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from tests.integration.test_worker_roundtrip import OutcomeTap, history_of, publish_raw
 from worker.client import ArbiterClient
 from worker.pool import WorkerPool, settings_env
 from worker.settings import Settings
@@ -96,3 +97,38 @@ async def test_thirty_tasks_racing_for_a_limit_of_three(
     )
     [limit] = [row for row in json.loads(listed.stdout) if row["tag"] == tag]
     assert limit["active_slots"] == []
+
+
+@pytest.mark.timeout(120)
+async def test_twenty_copies_of_one_proposal_write_once(
+    settings: Settings, worker_processes: WorkerPool
+) -> None:
+    """One proposal published 20 times at once (an executor republishing), consumed by two
+    workers: one state is written and all 20 answers are the same outcome."""
+    worker_processes.start()
+    worker_processes.start()
+    run_id = uuid.uuid4()
+    async with ArbiterClient.connect(settings=settings) as client:
+        created = await client.propose(
+            "flow_run", run_id, ProposedState(type=StateType.SCHEDULED), run=FlowRunSpec()
+        )
+    assert created.status is OutcomeStatus.ACCEPT
+    proposal_id = uuid.uuid4()
+    body = json.dumps(
+        {
+            "schema_version": 1,
+            "proposal_id": str(proposal_id),
+            "run_kind": "flow_run",
+            "run_id": str(run_id),
+            "state": {"type": "PENDING"},
+        }
+    ).encode()
+    async with OutcomeTap(settings, "copies.key") as tap:
+        await asyncio.gather(
+            *(publish_raw(settings, body, reply_to="copies.key") for _ in range(20))
+        )
+        answers = [await tap.next(timeout_s=60) for _ in range(20)]
+    outcomes = {answer.body for answer in answers}
+    assert len(outcomes) == 1
+    assert json.loads(next(iter(outcomes)))["status"] == "ACCEPT"
+    assert await history_of(settings, run_id) == ["Scheduled", "Pending"]
