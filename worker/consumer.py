@@ -121,11 +121,7 @@ class Consumer:
                 except Exception:
                     # A bug must not strand the delivery unacked (and its prefetch slot with
                     # it): give it back; the delivery limit dead-letters it if it persists.
-                    log.exception("delivery %s: unexpected error, requeued", message.message_id)
-                    self.stats.requeued += 1
-                    self.metrics.requeued.inc()
-                    with contextlib.suppress(Exception):
-                        await message.nack(requeue=True)
+                    await self._requeue(message, f"delivery {message.message_id}: unexpected error")
                 finally:
                     self.metrics.in_flight.dec()
         finally:
@@ -152,12 +148,7 @@ class Consumer:
                 # is back instead of spending its delivery attempts (and dead-lettering it).
                 processed = await self._outlast_outage(decoded)
             else:
-                log.exception(
-                    "proposal %s: giving up for now, requeued", decoded.proposal.proposal_id
-                )
-                self.stats.requeued += 1
-                self.metrics.requeued.inc()
-                await message.nack(requeue=True)
+                await self._requeue(message, f"proposal {decoded.proposal.proposal_id}: failed")
                 return
         if processed.invalid is not None:
             await self._refuse(message, processed.invalid)
@@ -170,11 +161,8 @@ class Consumer:
         except Exception:
             # Committed but not (fully) announced: the redelivery replays the stored
             # outcome and outbox, so nothing is lost; consumers dedupe by message id.
-            log.exception("proposal %s: publishing failed, requeued", decoded.proposal.proposal_id)
-            self.stats.requeued += 1
-            self.metrics.requeued.inc()
-            with contextlib.suppress(Exception):
-                await message.nack(requeue=True)
+            why = f"proposal {decoded.proposal.proposal_id}: publishing failed"
+            await self._requeue(message, why)
             return
         await message.ack()
         self._count(processed)
@@ -182,6 +170,15 @@ class Consumer:
         self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s", decision_line(processed, seconds))
+
+    async def _requeue(self, message: AbstractIncomingMessage, why: str) -> None:
+        """Give the delivery back to the queue (logging the exception being handled); a nack
+        on a channel that is already gone is moot: the broker requeues it anyway."""
+        log.exception("%s, requeued", why)
+        self.stats.requeued += 1
+        self.metrics.requeued.inc()
+        with contextlib.suppress(Exception):
+            await message.nack(requeue=True)
 
     async def _process_with_retries(self, decoded: Decoded) -> Processed:
         retrying = AsyncRetrying(
