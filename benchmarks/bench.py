@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,15 @@ async def drive(settings: Settings, runs: int, executors: int) -> Recorder:
     return recorder
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,8 +94,10 @@ def main() -> int:
             for _ in range(args.workers):
                 pool.start()
             time.sleep(1.0)
+            cpu_before = sum(cpu_seconds(proc.pid) for proc in pool.procs)
             recorder = asyncio.run(drive(settings, args.runs, args.executors))
             elapsed = recorder.elapsed_s()
+            worker_cpu = sum(cpu_seconds(proc.pid) for proc in pool.procs) - cpu_before
     latency = recorder.latency_ms()
     print(
         f"workers={args.workers} concurrency/worker={args.concurrency} runs={args.runs} "
@@ -97,6 +109,8 @@ def main() -> int:
     print(f"latency p50      {latency['p50']:.1f} ms")
     print(f"latency p95      {latency['p95']:.1f} ms")
     print(f"latency p99      {latency['p99']:.1f} ms")
+    # Steadier than transitions/s on a shared box: what one transition costs the workers.
+    print(f"worker CPU/trans {worker_cpu / recorder.count * 1000:.2f} ms")
     return 0
 
 
