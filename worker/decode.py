@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from schemas import ErrorCode, Proposal, RunKind
 from schemas.messages import SCHEMA_VERSION
+from worker.db.storable import unstorable
 
 
 @dataclass(frozen=True)
@@ -85,30 +86,6 @@ def _refuse_constant(name: str) -> object:
     raise _NotJson(f"{name} is not a JSON value")
 
 
-def _unstorable_string(document: object) -> str | None:
-    """Why a string in ``document`` cannot be stored, if one cannot: PostgreSQL refuses NUL
-    characters in text and JSONB, and UTF-8 cannot encode a lone surrogate (an unpaired
-    ``\\ud800``-style escape). Refused here, such input would otherwise fail the
-    transaction after the rules had run."""
-    pending = [document]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return "strings may not contain the NUL character (\\u0000)"
-            if not item.isascii():
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    return "strings may not contain unpaired surrogates (such as \\ud800)"
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return None
-
-
 def decode_proposal(
     body: bytes,
     *,
@@ -145,9 +122,9 @@ def decode_proposal(
         "run_kind": _kind_or_none(document.get("run_kind")),
         "run_id": _uuid_or_none(document.get("run_id")),
     }
-    unstorable = _unstorable_string(document)
-    if unstorable is not None:
-        return Invalid(ErrorCode.SCHEMA_VIOLATION, unstorable, **identity)  # type: ignore[arg-type]
+    refused = unstorable(document)
+    if refused is not None:
+        return Invalid(ErrorCode.SCHEMA_VIOLATION, refused, **identity)  # type: ignore[arg-type]
     version = document.get("schema_version")
     if version != SCHEMA_VERSION:
         if isinstance(version, int) and not isinstance(version, bool):

@@ -56,25 +56,25 @@ def _run_select(kind: RunTables) -> sa.Select[Any]:
     )
 
 
-# Hot-path statements are built once, with bind parameters: building a Core statement per
-# call (coercing every value, computing its cache key) cost more CPU than running it.
 _RUN_ID = sa.bindparam("run_id", type_=sa.Uuid)
 CURRENT_STATE_ID = "current_state_id"
 
-
+_P = tables.processed_proposal
+_PROPOSAL_ID = sa.bindparam("proposal_id", type_=sa.Uuid)
 PROCESSED_PREFIX = "processed__"
+# A processed proposal's record, as ``PgStore`` reads it (JSON as text: parsed once, later).
+_PROCESSED_COLUMNS = [
+    _P.c.body_sha256.label(PROCESSED_PREFIX + "body_sha256"),
+    _P.c.status.label(PROCESSED_PREFIX + "status"),
+    sa.cast(_P.c.outcome, sa.Text).label(PROCESSED_PREFIX + "outcome_json"),
+    sa.cast(_P.c.outbox, sa.Text).label(PROCESSED_PREFIX + "outbox_json"),
+]
 
 
 def _with_processed(select: sa.Select[Any]) -> sa.Select[Any]:
     """``select`` plus the proposal's processed record, if any (LEFT JOIN on its id): the
     replay check rides on the run's read instead of costing a round trip of its own."""
-    p = tables.processed_proposal
-    return select.add_columns(
-        p.c.body_sha256.label(PROCESSED_PREFIX + "body_sha256"),
-        p.c.status.label(PROCESSED_PREFIX + "status"),
-        sa.cast(p.c.outcome, sa.Text).label(PROCESSED_PREFIX + "outcome_json"),
-        sa.cast(p.c.outbox, sa.Text).label(PROCESSED_PREFIX + "outbox_json"),
-    ).outerjoin(p, p.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
+    return select.add_columns(*_PROCESSED_COLUMNS).outerjoin(_P, _P.c.proposal_id == _PROPOSAL_ID)
 
 
 def _statements(kind: RunTables) -> dict[str, Any]:
@@ -110,13 +110,7 @@ RUN_KIND_OF = (
 )
 _TAGS = sa.bindparam("tags", type_=ARRAY(sa.Text))
 
-_P = tables.processed_proposal
-FIND_PROCESSED = sa.select(
-    _P.c.body_sha256,
-    _P.c.status,
-    sa.cast(_P.c.outcome, sa.Text).label("outcome_json"),
-    sa.cast(_P.c.outbox, sa.Text).label("outbox_json"),
-).where(_P.c.proposal_id == sa.bindparam("proposal_id", type_=sa.Uuid))
+FIND_PROCESSED = sa.select(*_PROCESSED_COLUMNS).where(_P.c.proposal_id == _PROPOSAL_ID)
 # The outcome and outbox arrive as JSON text and are cast by the server: no second encoding.
 RECORD_PROCESSED = (
     pg_insert(_P)

@@ -20,7 +20,7 @@ import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -35,6 +35,7 @@ from schemas.states import State
 from worker.db import statements as sql
 from worker.db import tables
 from worker.db.errors import is_transient, translate_db_error
+from worker.db.storable import unstorable
 
 __all__ = ["PgStore", "ProcessedProposal", "is_transient", "translate_db_error"]
 
@@ -64,6 +65,19 @@ def _run_from(kind: sql.RunTables, row: RowMapping) -> FlowRun | TaskRun:
     return kind.model.model_validate(values)
 
 
+def _processed_from(row: RowMapping) -> ProcessedProposal | None:
+    """The processed record in a row (None where a LEFT JOIN found none)."""
+    prefix = sql.PROCESSED_PREFIX
+    if row[prefix + "status"] is None:
+        return None
+    return ProcessedProposal(
+        body_sha256=row[prefix + "body_sha256"],
+        status=row[prefix + "status"],
+        outcome_json=row[prefix + "outcome_json"],
+        outbox_json=row[prefix + "outbox_json"],
+    )
+
+
 def _run_values(kind: sql.RunTables, run: FlowRun | TaskRun) -> dict[str, Any]:
     """Column values of a run; JSON columns get JSON-native values (no sets, no UUIDs)."""
     values = {name: getattr(run, name) for name in kind.fields}
@@ -87,23 +101,19 @@ def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[
     }
 
 
-def _has_nul(value: object) -> bool:
-    """Whether a JSON-like value holds a NUL character, which PostgreSQL text and JSONB refuse."""
-    pending = [value]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            pending.extend(item.keys())
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return False
-
-
 # --- the store --------------------------------------------------------------------------------
+
+
+class _Write(NamedTuple):
+    """A deferred state insert or run update: its run and its column values."""
+
+    kind: RunKind
+    run_id: uuid.UUID
+    values: dict[str, Any]
+
+    def of(self, other: _Write) -> bool:
+        """Whether both writes are for the same run (so one statement can carry both)."""
+        return (self.kind, self.run_id) == (other.kind, other.run_id)
 
 
 class PgStore:
@@ -115,8 +125,8 @@ class PgStore:
     def __init__(self, connection: AsyncConnection) -> None:
         self._conn = connection
         self._deferring = False
-        self._pending_state: tuple[RunKind, uuid.UUID, dict[str, Any]] | None = None
-        self._pending_run: tuple[RunKind, uuid.UUID, dict[str, Any]] | None = None
+        self._pending_state: _Write | None = None
+        self._pending_run: _Write | None = None
 
     @contextlib.asynccontextmanager
     async def deferred_writes(self) -> AsyncIterator[None]:
@@ -156,12 +166,7 @@ class PgStore:
                 raise
             raise error from exc
 
-    def _take_pending(
-        self,
-    ) -> tuple[
-        tuple[RunKind, uuid.UUID, dict[str, Any]] | None,
-        tuple[RunKind, uuid.UUID, dict[str, Any]] | None,
-    ]:
+    def _take_pending(self) -> tuple[_Write | None, _Write | None]:
         state, run = self._pending_state, self._pending_run
         self._pending_state = self._pending_run = None
         return state, run
@@ -169,17 +174,16 @@ class PgStore:
     async def _flush(self) -> None:
         """Send the deferred writes: together when they are one run's, else one by one."""
         state, run = self._take_pending()
-        if state is not None and run is not None and state[:2] == run[:2]:
-            kind = run[0]
-            params = {**_prefixed("s_", state[2]), **_prefixed("r_", run[2])}
-            params["r_key"] = run[1]
-            if (await self._send(sql.COMBINED[kind]["state+run"], params)).rowcount == 0:
-                raise StoreError(f"no {kind} {run[1]} to save", retryable=False)
+        if state is not None and run is not None and state.of(run):
+            params = {**_prefixed("s_", state.values), **_prefixed("r_", run.values)}
+            params["r_key"] = run.run_id
+            if (await self._send(sql.COMBINED[run.kind]["state+run"], params)).rowcount == 0:
+                raise StoreError(f"no {run.kind} {run.run_id} to save", retryable=False)
             return
         if state is not None:
-            await self._send(sql.BY_KIND[state[0]]["insert_state"], state[2])
+            await self._send(sql.BY_KIND[state.kind]["insert_state"], state.values)
         if run is not None:
-            await self._save_run_now(run[0], run[1], run[2])
+            await self._save_run_now(run.kind, run.run_id, run.values)
 
     async def _save_run_now(self, kind: RunKind, run_id: uuid.UUID, values: dict[str, Any]) -> None:
         params = {**values, "run_key": run_id}
@@ -236,15 +240,7 @@ class PgStore:
         row = await self._locked_row(kind, params, suffix="+processed")
         if row is None:
             return None, None
-        run = _run_from(sql.KINDS[kind], row)
-        if row[sql.PROCESSED_PREFIX + "status"] is None:
-            return run, None
-        return run, ProcessedProposal(
-            body_sha256=row[sql.PROCESSED_PREFIX + "body_sha256"],
-            status=row[sql.PROCESSED_PREFIX + "status"],
-            outcome_json=row[sql.PROCESSED_PREFIX + "outcome_json"],
-            outbox_json=row[sql.PROCESSED_PREFIX + "outbox_json"],
-        )
+        return _run_from(sql.KINDS[kind], row), _processed_from(row)
 
     async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
         run = await self._read_run("flow_run", run_id, lock=False)
@@ -301,7 +297,7 @@ class PgStore:
             return
         if self._pending_run is not None:
             await self._flush()
-        self._pending_run = (kind, run.id, values)
+        self._pending_run = _Write(kind, run.id, values)
 
     # -- states --------------------------------------------------------------------------------
 
@@ -314,14 +310,17 @@ class PgStore:
         """
         k = sql.KINDS[kind]
         values = _state_values(k, run.id, state)
-        if _has_nul([values["name"], values["message"], values["state_details"], values["data"]]):
-            raise StoreError("a state may not contain NUL characters", retryable=False)
+        refused = unstorable(
+            [values["name"], values["message"], values["state_details"], values["data"]]
+        )
+        if refused is not None:
+            raise StoreError(f"a state cannot be stored: {refused}", retryable=False)
         if not self._deferring:
             await self._execute(sql.BY_KIND[kind]["insert_state"], values)
             return
         if self._pending_state is not None or self._pending_run is not None:
             await self._flush()
-        self._pending_state = (kind, run.id, values)
+        self._pending_state = _Write(kind, run.id, values)
 
     async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
         """Every state of the run, in insertion order (oldest first)."""
@@ -397,14 +396,7 @@ class PgStore:
     async def find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
         params = {"proposal_id": proposal_id}
         row = (await self._execute(sql.FIND_PROCESSED, params)).mappings().first()
-        if row is None:
-            return None
-        return ProcessedProposal(
-            body_sha256=row["body_sha256"],
-            status=row["status"],
-            outcome_json=row["outcome_json"],
-            outbox_json=row["outbox_json"],
-        )
+        return _processed_from(row) if row is not None else None
 
     async def record_processed(
         self,
@@ -436,27 +428,28 @@ class PgStore:
         state, run = self._pending_state, self._pending_run
         if (
             run is not None
-            and run[:2] == (run_kind, run_id)
-            and (state is None or state[:2] == run[:2])
+            and (run.kind, run.run_id) == (run_kind, run_id)
+            and (state is None or state.of(run))
         ):
             # The transition's own writes ride with the record: one round trip for all.
             self._take_pending()
-            params.update(_prefixed("r_", run[2]), r_key=run_id)
+            params.update(_prefixed("r_", run.values), r_key=run_id)
             combined = sql.COMBINED[run_kind]
             if state is None:
                 statement = combined["run+record"]
             else:
-                params.update(_prefixed("s_", state[2]))
+                params.update(_prefixed("s_", state.values))
                 statement = combined["state+run+record"]
         result = await self._execute(statement, params)
+        # A combined statement returns how many runs it saved, and no row when the insert
+        # did nothing; the plain insert only has its row count.
+        runs_saved: int | None
         if statement is sql.RECORD_PROCESSED:
-            if result.rowcount == 0:
-                raise StoreError(
-                    f"proposal {proposal_id} was recorded concurrently", retryable=True
-                )
-            return
-        runs_saved = result.scalar()
-        if runs_saved is None:
+            recorded, runs_saved = result.rowcount > 0, 1
+        else:
+            runs_saved = result.scalar()
+            recorded = runs_saved is not None
+        if not recorded:
             raise StoreError(f"proposal {proposal_id} was recorded concurrently", retryable=True)
         if runs_saved == 0:
             raise StoreError(f"no {run_kind} {run_id} to save", retryable=False)
