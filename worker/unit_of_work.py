@@ -110,11 +110,7 @@ async def process_proposal(
         if known.body_sha256 != decoded.body_sha256:
             message = f"proposal {proposal.proposal_id} was already processed with another body"
             return _invalid(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message)
-        return Processed(
-            outcome=Outcome.model_validate_json(known.outcome_json),
-            outbox=_OUTBOX.validate_json(known.outbox_json),
-            replayed=True,
-        )
+        return _replay(known)
 
     state = proposal.state.to_state(orchestrator.clock())
     context: OrchestrationContext  # type: ignore[type-arg]
@@ -137,6 +133,15 @@ async def process_proposal(
         outbox = list(context.outbox)
         await _record(store, decoded, outcome, outbox)
     return Processed(outcome=outcome, outbox=outbox)
+
+
+def _replay(known: ProcessedProposal) -> Processed:
+    """What a proposal id already processed gets again: its stored outcome and outbox."""
+    return Processed(
+        outcome=Outcome.model_validate_json(known.outcome_json),
+        outbox=_OUTBOX.validate_json(known.outbox_json),
+        replayed=True,
+    )
 
 
 async def _record(
@@ -168,9 +173,7 @@ async def run_in_transaction(
             store = PgStore(conn)
             known = await store.find_processed(decoded.proposal.proposal_id)
             if known is not None:
-                outcome = Outcome.model_validate_json(known.outcome_json)
-                outbox = _OUTBOX.validate_json(known.outbox_json)
-                return Processed(outcome=outcome, outbox=outbox, replayed=True)
+                return _replay(known)
             proposal = decoded.proposal
             run = await store.lock_run(proposal.run_kind, proposal.run_id)
             outcome = abort_outcome(proposal, run, reason)
