@@ -18,7 +18,6 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import aio_pika
 from aio_pika.abc import (
@@ -55,17 +54,6 @@ OUTAGE_FIRST_PROBE_S = 0.5
 OUTAGE_MAX_PROBE_S = 5.0
 
 
-@dataclass
-class WorkerStats:
-    """Counters a worker keeps for the line it logs when it stops."""
-
-    processed: int = 0
-    replayed: int = 0
-    invalid: int = 0
-    requeued: int = 0
-    by_status: dict[str, int] = field(default_factory=dict)
-
-
 class Consumer:
     """Consumes proposals with bounded concurrency and settles each one exactly once."""
 
@@ -81,7 +69,6 @@ class Consumer:
         self.engine = engine
         self.orchestrator = orchestrator
         self.connection = connection
-        self.stats = WorkerStats()
         self.metrics = metrics or WorkerMetrics()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -115,15 +102,15 @@ class Consumer:
             self._in_flight.add(task)
         try:
             async with self._slots:
-                self.metrics.in_flight.inc()
-                try:
-                    await self.handle(message)
-                except Exception:
-                    # A bug must not strand the delivery unacked (and its prefetch slot with
-                    # it): give it back; the delivery limit dead-letters it if it persists.
-                    await self._requeue(message, f"delivery {message.message_id}: unexpected error")
-                finally:
-                    self.metrics.in_flight.dec()
+                with self.metrics.in_flight.track_inprogress():
+                    try:
+                        await self.handle(message)
+                    except Exception:
+                        # A bug must not strand the delivery unacked (and its prefetch slot
+                        # with it): give it back; the delivery limit dead-letters it if it
+                        # persists.
+                        why = f"delivery {message.message_id}: unexpected error"
+                        await self._requeue(message, why)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -165,7 +152,6 @@ class Consumer:
             await self._requeue(message, why)
             return
         await message.ack()
-        self._count(processed)
         seconds = time.perf_counter() - started
         self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
         if log.isEnabledFor(logging.DEBUG):
@@ -175,7 +161,6 @@ class Consumer:
         """Give the delivery back to the queue (logging the exception being handled); a nack
         on a channel that is already gone is moot: the broker requeues it anyway."""
         log.exception("%s, requeued", why)
-        self.stats.requeued += 1
         self.metrics.requeued.inc()
         with contextlib.suppress(Exception):
             await message.nack(requeue=True)
@@ -211,12 +196,11 @@ class Consumer:
         from sending more, so the worker idles through the outage. SIGTERM still ends it
         after ARBITER_SHUTDOWN_TIMEOUT_S; the held deliveries are then redelivered.
         """
-        self.metrics.held.inc()
         log.warning(
             "proposal %s: the database is unreachable; holding it", decoded.proposal.proposal_id
         )
         delay = OUTAGE_FIRST_PROBE_S
-        try:
+        with self.metrics.held.track_inprogress():
             while True:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, OUTAGE_MAX_PROBE_S)
@@ -227,8 +211,6 @@ class Consumer:
                 except Exception as exc:
                     if not is_transient(exc):
                         raise
-        finally:
-            self.metrics.held.dec()
 
     async def _refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
         """INVALID: publish the outcome when a route exists, dead-letter a copy, ack."""
@@ -251,7 +233,6 @@ class Consumer:
         )
         await self._with_retries(lambda: self._topology_publish_dead(dead))
         await message.ack()
-        self.stats.invalid += 1
         self.metrics.refused(outcome, invalid.code.value)
         log.warning(
             "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
@@ -302,13 +283,6 @@ class Consumer:
         ):
             with attempt:
                 await publish()
-
-    def _count(self, processed: Processed) -> None:
-        self.stats.processed += 1
-        if processed.replayed:
-            self.stats.replayed += 1
-        status = processed.outcome.status.value
-        self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
 
     async def purge_forever(self) -> None:
         """Forget processed proposal ids past the retention window, every few minutes."""
@@ -389,11 +363,12 @@ async def _consume_until_stopped(
         purger.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await purger
+        invalid = metrics.total("arbiter_invalid_proposals")
         log.info(
             "stopped after %d proposals (%d replays, %d invalid, %d requeued)",
-            consumer.stats.processed,
-            consumer.stats.replayed,
-            consumer.stats.invalid,
-            consumer.stats.requeued,
+            metrics.total("arbiter_outcomes") - invalid,
+            metrics.total("arbiter_replays"),
+            invalid,
+            metrics.total("arbiter_requeued"),
         )
     return 0

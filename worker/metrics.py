@@ -90,6 +90,18 @@ class WorkerMetrics:
         self.outcomes.labels(outcome.run_kind or "unknown", outcome.status.value).inc()
         self.invalid.labels(code).inc()
 
+    def total(self, name: str) -> int:
+        """A counter's count over all its labels (for the line a worker logs when it stops)."""
+        return int(
+            sum(
+                sample.value
+                for family in self.registry.collect()
+                if family.name == name
+                for sample in family.samples
+                if sample.name == f"{name}_total"
+            )
+        )
+
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Serve ``/metrics`` on ``port`` (0 picks a free one); returns the bound port."""
         self._server, self._thread = start_http_server(port, host, registry=self.registry)
