@@ -48,8 +48,9 @@ class ArbiterClient:
         self._connection = connection
         self._settings = settings
         self._reply_key = f"reply.{uuid.uuid4()}"
-        self._pending: dict[uuid.UUID, asyncio.Future[Outcome]] = {}
-        self._unanswered: dict[uuid.UUID, aio_pika.Message] = {}
+        # Each unanswered proposal: the future its outcome resolves, and the message, kept
+        # to publish again after a reconnect.
+        self._pending: dict[uuid.UUID, tuple[asyncio.Future[Outcome], aio_pika.Message]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.republished = 0
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
@@ -88,10 +89,10 @@ class ArbiterClient:
         if proposal_id in self._seen:
             self.duplicates_dropped += 1
             return
-        future = self._pending.pop(proposal_id, None)
-        self._unanswered.pop(proposal_id, None)
-        if future is None:
+        pending = self._pending.pop(proposal_id, None)
+        if pending is None:
             return
+        future = pending[0]
         self._seen[proposal_id] = None
         if len(self._seen) > _SEEN_OUTCOMES:
             self._seen.popitem(last=False)
@@ -122,7 +123,6 @@ class ArbiterClient:
         if run is not None:
             body["run"] = run.model_dump(mode="json")
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._pending[proposal_id] = future
         message = aio_pika.Message(
             body=json.dumps(body, separators=(",", ":")).encode(),
             content_type="application/json",
@@ -131,13 +131,13 @@ class ArbiterClient:
             correlation_id=str(proposal_id),
             reply_to=self._reply_key,
         )
-        self._unanswered[proposal_id] = message
+        self._pending[proposal_id] = (future, message)
         try:
             await self._topology.proposals_exchange.publish(
                 message, routing_key=self._settings.proposals_routing_key
             )
         except BaseException:
-            self._forget(proposal_id)
+            self._pending.pop(proposal_id, None)
             raise
         return future
 
@@ -145,10 +145,6 @@ class ArbiterClient:
     def unanswered(self) -> int:
         """Proposals published and still waiting for their outcome."""
         return len(self._pending)
-
-    def _forget(self, proposal_id: uuid.UUID) -> None:
-        self._pending.pop(proposal_id, None)
-        self._unanswered.pop(proposal_id, None)
 
     def _on_reconnect(self, *_: object) -> None:
         task = asyncio.get_running_loop().create_task(self._republish_unanswered())
@@ -158,8 +154,8 @@ class ArbiterClient:
     async def _republish_unanswered(self) -> None:
         """Publish again what is still waiting for an outcome (replays if already processed)."""
         assert self._topology is not None
-        for proposal_id, message in list(self._unanswered.items()):
-            if proposal_id not in self._unanswered:
+        for proposal_id, (_, message) in list(self._pending.items()):
+            if proposal_id not in self._pending:
                 continue  # answered meanwhile
             with contextlib.suppress(Exception):  # down again: the next reconnect retries
                 await self._topology.proposals_exchange.publish(
@@ -188,7 +184,7 @@ class ArbiterClient:
             try:
                 outcome = await asyncio.wait_for(future, timeout_s)
             except TimeoutError:
-                self._forget(proposal_id)
+                self._pending.pop(proposal_id, None)
                 raise OutcomeTimeoutError(
                     f"no outcome for a {run_kind} {run_id} proposal within {timeout_s} s"
                 ) from None
