@@ -125,6 +125,14 @@ async def hold_slots(store: Store, tag: str, holders: list[str]) -> None:
     await store.save_tag_limit(limits[0])
 
 
+async def slots(store: AdminStore, tag: str) -> list[str]:
+    """The run ids holding a slot of ``tag``'s limit, through the store's public API."""
+    for limit in await store.list_tag_limits():
+        if limit.tag == tag:
+            return limit.active_slots
+    raise KeyError(tag)
+
+
 async def lose_flow_run(store: AdminStore, ctx: TaskOrchestrationContext) -> None:
     """Make the task's flow run unreadable, as if it had been deleted.
 
