@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, Self, TypeVar
@@ -181,16 +182,24 @@ class TaskOrchestrationContext(OrchestrationContext[TaskRun]):
     """A task run's transition."""
 
     run_kind: RunKind = "task_run"
+    # Flow runs read during this transition, shared by the context's safe copies: several
+    # rules ask for the enclosing flow run, and nothing in a task transition changes it.
+    read_flow_runs: dict[uuid.UUID, FlowRun | None] = field(default_factory=dict)
 
     @property
     def run_settings(self) -> TaskRunPolicy:
         return self.run.empirical_policy
 
     async def flow_run(self) -> FlowRun | None:
-        """The enclosing flow run, read without a lock; None for autonomous tasks."""
-        if self.run.flow_run_id is None:
+        """The enclosing flow run, read without a lock (once per transition; each caller gets
+        its own copy); None for autonomous tasks."""
+        flow_run_id = self.run.flow_run_id
+        if flow_run_id is None:
             return None
-        return await self.store.read_flow_run(self.run.flow_run_id)
+        if flow_run_id not in self.read_flow_runs:
+            self.read_flow_runs[flow_run_id] = await self.store.read_flow_run(flow_run_id)
+        flow_run = self.read_flow_runs[flow_run_id]
+        return flow_run.model_copy(deep=True) if flow_run is not None else None
 
     async def task_run(self) -> TaskRun | None:
         return self.run

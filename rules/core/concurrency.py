@@ -111,9 +111,7 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
     async def _release_claimed(self, store: Store, run_id: str) -> None:
         """Give back the slots claimed so far in this call (the limits are still locked)."""
         for limit in self._claimed:
-            if run_id in limit.active_slots:
-                limit.active_slots.remove(run_id)
-                await store.save_tag_limit(limit)
+            await _drop_holder(store, limit, run_id)
         self._claimed = []
 
 
@@ -140,6 +138,11 @@ class ReleaseTaskConcurrencySlots(TaskRunUniversalTransform):
 async def _remove_holder(store: Store, tags: list[str], run_id: str) -> None:
     """Remove ``run_id`` from the active slots of these tags' limits (locked in tag order)."""
     for limit in await store.lock_tag_limits(tags):
-        if run_id in limit.active_slots:
-            limit.active_slots = [holder for holder in limit.active_slots if holder != run_id]
-            await store.save_tag_limit(limit)
+        await _drop_holder(store, limit, run_id)
+
+
+async def _drop_holder(store: Store, limit: TagLimit, run_id: str) -> None:
+    """Take ``run_id`` out of a locked limit's active slots, if it holds one there."""
+    if run_id in limit.active_slots:
+        limit.active_slots.remove(run_id)
+        await store.save_tag_limit(limit)
