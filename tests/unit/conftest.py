@@ -2,7 +2,8 @@
 against PostgreSQL through the real store (marked ``integration``).
 
 The PostgreSQL variant runs each test inside a transaction that is rolled back, so
-scenarios never see each other's rows. In every module under ``tests/unit/core/`` and in
+scenarios never see each other's rows. In every module under the packages of
+``_PACKAGES_ON_BOTH_STORES`` (``tests/unit/core/``, ``tests/unit/instrumentation/``) and in
 the files of ``_ALSO_ON_BOTH_STORES``, every test that takes ``store`` runs on both, so it
 arranges and inspects the store only through the ``rules.store`` protocols (helpers in
 ``tests/unit/core/helpers.py``), never through ``InMemoryStore``'s fields.
@@ -20,25 +21,25 @@ from rules.memory import InMemoryStore
 from rules.store import AdminStore
 
 # The rule scenarios of Prefect's core, global and instrumentation suites run on both stores:
-# every module under core/ (one per rule family, so new ones join without being listed), and
-# these. A listed file that is renamed or removed fails collection instead of silently
-# dropping its PostgreSQL variants.
-_CORE = Path(__file__).resolve().parent / "core"
-_ALSO_ON_BOTH_STORES = {
-    Path(__file__).resolve().parent / name
-    for name in (
-        "test_global_policy.py",
-        "test_instrumentation.py",
-    )
-}
-_missing = sorted(path.name for path in _ALSO_ON_BOTH_STORES if not path.is_file())
+# every module under these packages (core/ has one per rule family, so new ones join
+# without being listed), and these files. A listed package or file that is renamed or
+# removed fails collection instead of silently dropping its PostgreSQL variants.
+_UNIT = Path(__file__).resolve().parent
+_PACKAGES_ON_BOTH_STORES = {_UNIT / name for name in ("core", "instrumentation")}
+_ALSO_ON_BOTH_STORES = {_UNIT / name for name in ("test_global_policy.py",)}
+_missing = sorted(
+    [path.name for path in _PACKAGES_ON_BOTH_STORES if not path.is_dir()]
+    + [path.name for path in _ALSO_ON_BOTH_STORES if not path.is_file()]
+)
 if _missing:
-    raise pytest.UsageError(f"tests/unit/conftest.py lists missing modules: {_missing}")
+    raise pytest.UsageError(f"tests/unit/conftest.py lists missing paths: {_missing}")
 
 
 def _on_both_stores(module: Path) -> bool:
     module = module.resolve()
-    return module.is_relative_to(_CORE) or module in _ALSO_ON_BOTH_STORES
+    return module in _ALSO_ON_BOTH_STORES or any(
+        module.is_relative_to(directory) for directory in _PACKAGES_ON_BOTH_STORES
+    )
 
 
 _ENGINES: dict[str, AsyncEngine] = {}

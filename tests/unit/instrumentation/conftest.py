@@ -1,0 +1,14 @@
+"""The flow run most instrumentation scenarios move, in the scenario's store."""
+
+from __future__ import annotations
+
+import pytest
+
+from rules.memory import InMemoryStore
+from schemas.runs import FlowRun
+from tests.factories import create_flow_run
+
+
+@pytest.fixture
+async def flow_run(store: InMemoryStore) -> FlowRun:
+    return await create_flow_run(store)
