@@ -82,17 +82,8 @@ class ClientSideTaskOrchestrationPolicy(BaseOrchestrationPolicy):
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return (
-            CacheRetrieval,
-            HandleTaskTerminalStateTransitions,
-            PreventRunningTasksFromStoppedFlows,
-            CopyScheduledTime,
-            WaitForScheduledTime,
-            RetryFailedTasks,
-            RenameReruns,
-            UpdateFlowRunTrackerOnTasks,
-            CacheInsertion,
-            ReleaseTaskConcurrencySlots,
+        return tuple(
+            rule for rule in CoreTaskPolicy.priority() if rule is not SecureTaskConcurrencySlots
         )
 
 

@@ -10,17 +10,20 @@ Classes named after a rule hold Arbiter's extra scenarios; Prefect's own scenari
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import pytest
 
 from rules.context import RuleSettings, TaskOrchestrationContext
 from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
 from rules.core.task_retries import RetryFailedTasks
-from rules.engine import Orchestrator
+from rules.engine import Orchestrator, default_policies
+from rules.policies import ClientSideTaskOrchestrationPolicy, CoreTaskPolicy
+from rules.policy import BaseOrchestrationPolicy
 from rules.results import SetStateStatus, StateWaitDetails
 from rules.store import AdminStore
 from schemas.states import StateType
-from tests.factories import initialize_orchestration
+from tests.factories import create_task_run, initialize_orchestration, make_state
 from tests.unit.core.helpers import (
     AbortingRule,
     apply_rules,
@@ -183,3 +186,32 @@ class TestReleaseTaskConcurrencySlots:
         assert ctx.response_status == SetStateStatus.ABORT
         assert ctx.validated_state_type == StateType.PENDING
         assert await slots(store, "small") == [str(ctx.run.id)]
+
+
+class TestClientSideTaskOrchestrationPolicy:
+    """The core task policy for clients that enforce tag limits themselves."""
+
+    @pytest.mark.parametrize(
+        ("policy", "expected"),
+        [
+            (CoreTaskPolicy, SetStateStatus.WAIT),
+            (ClientSideTaskOrchestrationPolicy, SetStateStatus.ACCEPT),
+        ],
+        ids=["core", "client-side"],
+    )
+    async def test_only_the_core_policy_holds_a_task_back_at_a_full_tag_limit(
+        self, store: AdminStore, policy: type[BaseOrchestrationPolicy], expected: SetStateStatus
+    ) -> None:
+        """With the tag's only slot taken, RUNNING waits under the core task policy and is
+        accepted under the client-side one, which takes no slot."""
+        await store.upsert_tag_limit("gpu", 1)
+        await hold_slots(store, "gpu", [str(uuid.uuid4())])
+        run = await create_task_run(store, flow_run_id=None, tags=["gpu"])
+        orchestrator = Orchestrator(policies=replace(default_policies(), task=policy))
+        pending = await orchestrator.set_task_run_state(store, run, make_state(StateType.PENDING))
+        assert pending.response_status is SetStateStatus.ACCEPT
+
+        ctx = await orchestrator.set_task_run_state(store, run, make_state(StateType.RUNNING))
+
+        assert ctx.response_status is expected
+        assert len(await slots(store, "gpu")) == 1
