@@ -89,7 +89,7 @@ class OutcomeStatus(StrEnum):
 
 
 class ErrorCode(StrEnum):
-    """Why a proposal is INVALID (PROTOCOL §3)."""
+    """Why a proposal is INVALID, or why it was given up with an ABORT (``delivery_limit``)."""
 
     MALFORMED_JSON = "malformed_json"
     SCHEMA_VIOLATION = "schema_violation"
@@ -98,6 +98,11 @@ class ErrorCode(StrEnum):
     KIND_MISMATCH = "kind_mismatch"
     TOO_LARGE = "too_large"
     PROPOSAL_ID_CONFLICT = "proposal_id_conflict"
+    # INVALID: PostgreSQL refused the proposal's content (SQLSTATE class 22 or 23).
+    UNSTORABLE = "unstorable"
+    # ABORT: the proposal failed on every delivery the queue allows; the message is the
+    # last error. It is dead-lettered after this answer.
+    DELIVERY_LIMIT = "delivery_limit"
 
 
 class OutcomeDetails(BaseModel):

@@ -16,6 +16,9 @@ from schemas import Outcome
 
 __all__ = ["WorkerMetrics"]
 
+# Deliveries settled by one transaction (ARBITER_BATCH_MAX caps it).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
 # From a fast in-memory decision to a lock wait that hit lock_timeout (10 s default).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -69,6 +72,23 @@ class WorkerMetrics:
         self.in_flight = Gauge(
             "arbiter_in_flight",
             "Deliveries being processed now.",
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "arbiter_batch_size",
+            "Proposals settled per database transaction.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.statements = Counter(
+            "arbiter_db_statements",
+            "SQL statements sent on the proposal path (BEGIN and COMMIT not counted).",
+            registry=self.registry,
+        )
+        self.dead_lettered = Counter(
+            "arbiter_dead_lettered",
+            "Deliveries the worker copied to the dead-letter exchange, by error code.",
+            ["code"],
             registry=self.registry,
         )
         self._server: WSGIServer | None = None
