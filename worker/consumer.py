@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import aio_pika
@@ -37,14 +38,15 @@ from tenacity import (
 
 from rules.context import OutboxMessage
 from rules.engine import Orchestrator
-from schemas import Outcome
-from worker.db.store import PgStore, is_transient
+from schemas import ErrorCode, Outcome
+from worker.db.errors import refused_content
+from worker.db.store import PgStore, ProcessedProposal, is_transient
 from worker.decode import Decoded, Invalid, decode_proposal
 from worker.metrics import WorkerMetrics
-from worker.outcomes import invalid_outcome
+from worker.outcomes import given_up_outcome, invalid_outcome
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
-from worker.unit_of_work import Processed, purge_cutoff, run_in_transaction
+from worker.unit_of_work import Processed, purge_cutoff, replay, run_in_transaction
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,10 @@ class Consumer:
                 with self.metrics.in_flight.track_inprogress():
                     try:
                         await self.handle(message)
-                    except Exception:
+                    except Exception as exc:
                         # A bug must not strand the delivery unacked (and its prefetch slot
-                        # with it): give it back; the delivery limit dead-letters it if it
-                        # persists.
-                        why = f"delivery {message.message_id}: unexpected error"
-                        await self._requeue(message, why)
+                        # with it): give it back, or answer it on its last allowed delivery.
+                        await self._unexpected(message, exc)
         finally:
             if task is not None:
                 self._in_flight.discard(task)
@@ -128,15 +128,16 @@ class Consumer:
             await self._refuse(message, decoded)
             return
         try:
-            processed = await self._process_with_retries(decoded)
+            processed = await self._process(decoded)
         except Exception as exc:
-            if is_transient(exc) and not await self._database_reachable():
-                # An outage, not this proposal's fault: hold the delivery until the database
-                # is back instead of spending its delivery attempts (and dead-lettering it).
-                processed = await self._outlast_outage(decoded)
-            else:
-                await self._requeue(message, f"proposal {decoded.proposal.proposal_id}: failed")
-                return
+            await self._failed(message, decoded, exc)
+            return
+        await self._announce(message, processed, started)
+
+    async def _announce(
+        self, message: AbstractIncomingMessage, processed: Processed, started: float
+    ) -> None:
+        """Publish a committed (or replayed) outcome and its outbox, then ack."""
         if processed.invalid is not None:
             await self._refuse(message, processed.invalid)
             return
@@ -148,7 +149,7 @@ class Consumer:
         except Exception:
             # Committed but not (fully) announced: the redelivery replays the stored
             # outcome and outbox, so nothing is lost; consumers dedupe by message id.
-            why = f"proposal {decoded.proposal.proposal_id}: publishing failed"
+            why = f"proposal {processed.outcome.proposal_id}: publishing failed"
             await self._requeue(message, why)
             return
         await message.ack()
@@ -156,6 +157,105 @@ class Consumer:
         self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s", decision_line(processed, seconds))
+
+    async def _process(self, decoded: Decoded) -> Processed:
+        """The proposal's transaction, retried; held through a database outage."""
+        try:
+            return await self._process_with_retries(decoded)
+        except Exception as exc:
+            if is_transient(exc) and not await self._database_reachable():
+                # An outage, not this proposal's fault: hold the delivery until the database
+                # is back instead of spending its delivery attempts (and dead-lettering it).
+                return await self._outlast_outage(decoded)
+            raise
+
+    async def _failed(
+        self, message: AbstractIncomingMessage, decoded: Decoded, exc: Exception
+    ) -> None:
+        """A proposal whose transaction failed for good on this delivery.
+
+        Content the database refuses fails the same way every time: it is INVALID now. Any
+        other failure is requeued, and on the last delivery the queue allows it is answered
+        with a final ABORT and dead-lettered, so the executor never waits in silence.
+        """
+        proposal = decoded.proposal
+        refused = refused_content(exc)
+        if refused is not None:
+            message_text = f"PostgreSQL refused the proposal: {refused}"
+            invalid = Invalid(
+                ErrorCode.UNSTORABLE,
+                message_text,
+                proposal.proposal_id,
+                proposal.run_kind,
+                proposal.run_id,
+            )
+            await self._refuse(message, invalid)
+            return
+        if self._last_delivery(message):
+            await self._give_up(message, decoded, _describe(exc))
+            return
+        await self._requeue(message, f"proposal {proposal.proposal_id}: failed")
+
+    async def _unexpected(self, message: AbstractIncomingMessage, exc: Exception) -> None:
+        """A bug while handling a delivery: requeued, or answered on its last delivery with
+        whatever identity can still be read from it."""
+        if not self._last_delivery(message):
+            await self._requeue(message, f"delivery {message.message_id}: unexpected error")
+            return
+        decoded: Decoded | Invalid
+        try:
+            decoded = decode_proposal(
+                message.body,
+                content_type=message.content_type,
+                message_id=message.message_id,
+                max_bytes=self.settings.max_message_bytes,
+            )
+        except Exception:
+            decoded = Invalid(ErrorCode.DELIVERY_LIMIT, "", _message_uuid(message.message_id))
+        await self._give_up(message, decoded, _describe(exc))
+
+    def _last_delivery(self, message: AbstractIncomingMessage) -> bool:
+        """Whether the queue dead-letters this delivery if it is given back once more
+        (a quorum queue counts earlier deliveries in ``x-delivery-count``)."""
+        return _delivery_count(message) >= self.settings.delivery_limit
+
+    async def _give_up(
+        self, message: AbstractIncomingMessage, decoded: Decoded | Invalid, last_error: str
+    ) -> None:
+        """Answer a proposal that failed on every allowed delivery, then dead-letter it.
+
+        An earlier delivery may have committed and lost its ack: its stored outcome is
+        replayed instead, never contradicted by an ABORT.
+        """
+        identity = decoded.proposal if isinstance(decoded, Decoded) else decoded
+        if isinstance(decoded, Decoded):
+            known = await self._find_processed(decoded.proposal.proposal_id)
+            if known is not None and known.body_sha256 == decoded.body_sha256:
+                await self._announce(message, replay(known), time.perf_counter())
+                return
+        outcome = given_up_outcome(identity, last_error, _delivery_count(message) + 1)
+        try:
+            await self._publish_outcome(message, outcome)
+            await self._dead_letter(message, ErrorCode.DELIVERY_LIMIT.value, last_error)
+        except Exception:
+            # The broker refuses publishes too: it dead-letters the delivery itself.
+            await self._requeue(message, f"proposal {identity.proposal_id}: giving up failed")
+            return
+        await message.ack()
+        self.metrics.settled(outcome, replayed=False, seconds=0.0)
+        log.error(
+            "proposal %s: gave up after %d deliveries: %s",
+            identity.proposal_id,
+            _delivery_count(message) + 1,
+            last_error,
+        )
+
+    async def _find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
+        try:
+            async with self.engine.connect() as conn:
+                return await PgStore(conn).find_processed(proposal_id)
+        except Exception:
+            return None
 
     async def _requeue(self, message: AbstractIncomingMessage, why: str) -> None:
         """Give the delivery back to the queue (logging the exception being handled); a nack
@@ -213,10 +313,22 @@ class Consumer:
                         raise
 
     async def _refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
-        """INVALID: publish the outcome when a route exists, dead-letter a copy, ack."""
+        """INVALID: publish the outcome, dead-letter a copy with the reason, ack.
+
+        The outcome goes out even when the run kind is unknown and there is no reply_to
+        (routing key ``outcome.unknown.invalid``): every proposal gets its one answer.
+        """
         outcome = invalid_outcome(invalid)
-        if message.reply_to or invalid.run_kind is not None:
-            await self._publish_outcome(message, outcome)
+        await self._publish_outcome(message, outcome)
+        await self._dead_letter(message, invalid.code.value, invalid.message)
+        await message.ack()
+        self.metrics.refused(outcome, invalid.code.value)
+        log.warning(
+            "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
+        )
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, code: str, why: str) -> None:
+        """A copy of the delivery to the dead-letter exchange, saying why it is there."""
         assert self._topology is not None
         dead = aio_pika.Message(
             body=message.body,
@@ -227,20 +339,13 @@ class Consumer:
             reply_to=message.reply_to,
             headers={
                 **(message.headers or {}),
-                "x-arbiter-error-code": invalid.code.value,
-                "x-arbiter-error-message": invalid.message[:1000],
+                "x-arbiter-error-code": code,
+                "x-arbiter-error-message": why[:1000],
             },
         )
-        await self._with_retries(lambda: self._topology_publish_dead(dead))
-        await message.ack()
-        self.metrics.refused(outcome, invalid.code.value)
-        log.warning(
-            "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
-        )
-
-    async def _topology_publish_dead(self, dead: aio_pika.Message) -> None:
-        assert self._topology is not None
-        await self._topology.dead_exchange.publish(dead, routing_key="")
+        exchange = self._topology.dead_exchange
+        await self._with_retries(lambda: exchange.publish(dead, routing_key=""))
+        self.metrics.dead_lettered.labels(code).inc()
 
     async def _publish_outcome(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         assert self._topology is not None
@@ -296,6 +401,25 @@ class Consumer:
             except Exception:
                 log.exception("purging processed proposals failed; will try again")
             await asyncio.sleep(PURGE_INTERVAL_S)
+
+
+def _delivery_count(message: AbstractIncomingMessage) -> int:
+    """How often the queue delivered this message before (0 on the first delivery)."""
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return count if isinstance(count, int) and not isinstance(count, bool) else 0
+
+
+def _message_uuid(message_id: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(message_id) if message_id else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception as the one line an executor reads in its ABORT."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def decision_line(processed: Processed, seconds: float) -> str:

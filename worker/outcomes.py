@@ -5,6 +5,7 @@ from __future__ import annotations
 from rules.context import OrchestrationContext
 from rules.results import StateWaitDetails
 from schemas import (
+    ErrorCode,
     Outcome,
     OutcomeDetails,
     OutcomeError,
@@ -48,6 +49,23 @@ def abort_outcome(proposal: Proposal, run: FlowRun | TaskRun | None, reason: str
         details=OutcomeDetails(reason=reason),
         run=run.summary() if run is not None else None,
         rule_trace=[RuleTraceEntry.model_validate({"rule": "Orchestration", "effect": "abort"})],
+    )
+
+
+def given_up_outcome(identity: Proposal | Invalid, last_error: str, deliveries: int) -> Outcome:
+    """The final ABORT of a proposal that failed on every delivery the queue allows.
+
+    Nothing was written for it; it is dead-lettered right after this answer, so the
+    executor hears why instead of waiting out its own timeout.
+    """
+    reason = f"Gave up after {deliveries} deliveries: {last_error}"
+    return Outcome(
+        proposal_id=identity.proposal_id,
+        run_kind=identity.run_kind,
+        run_id=identity.run_id,
+        status=OutcomeStatus.ABORT,
+        details=OutcomeDetails(reason=reason),
+        error=OutcomeError(code=ErrorCode.DELIVERY_LIMIT, message=last_error[:1000]),
     )
 
 

@@ -110,7 +110,7 @@ async def process_proposal(
         if known.body_sha256 != decoded.body_sha256:
             message = f"proposal {proposal.proposal_id} was already processed with another body"
             return _invalid(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message)
-        return _replay(known)
+        return replay(known)
 
     state = proposal.state.to_state(orchestrator.clock())
     context: OrchestrationContext  # type: ignore[type-arg]
@@ -135,7 +135,7 @@ async def process_proposal(
     return Processed(outcome=outcome, outbox=outbox)
 
 
-def _replay(known: ProcessedProposal) -> Processed:
+def replay(known: ProcessedProposal) -> Processed:
     """What a proposal id already processed gets again: its stored outcome and outbox."""
     return Processed(
         outcome=Outcome.model_validate_json(known.outcome_json),
@@ -173,7 +173,7 @@ async def run_in_transaction(
             store = PgStore(conn)
             known = await store.find_processed(decoded.proposal.proposal_id)
             if known is not None:
-                return _replay(known)
+                return replay(known)
             proposal = decoded.proposal
             run = await store.lock_run(proposal.run_kind, proposal.run_id)
             outcome = abort_outcome(proposal, run, reason)

@@ -14,7 +14,7 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
+from schemas import ErrorCode, FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import (
@@ -76,30 +76,40 @@ async def test_a_locked_run_is_retried_then_processed_once_the_lock_is_gone(
     assert await history_of(settings, run_id) == ["Scheduled", "Pending"]
 
 
-async def test_a_proposal_that_keeps_failing_is_dead_lettered_past_the_delivery_limit(
+async def test_a_proposal_that_keeps_failing_is_answered_abort_and_dead_lettered_with_why(
     settings: Settings, worker: asyncio.Event
 ) -> None:
-    """Retries exhausted on every delivery: requeued until the limit, then in arbiter.dead."""
+    """Retries exhausted on every delivery: requeued until the last one the queue allows,
+    which is answered with a final ABORT (code delivery_limit, the last error) and copied
+    to arbiter.dead with the reason in its headers. Nothing is written."""
     run_id = await create_flow_run(settings)
     engine = create_engine(settings.database_url)
     body = json.dumps(proposal_body(run_id, StateType.PENDING)).encode()
     try:
-        async with engine.connect() as conn:
+        async with OutcomeTap(settings, "fault.key") as tap, engine.connect() as conn:
             transaction = await conn.begin()
             await conn.execute(
                 text("SELECT 1 FROM flow_run WHERE id = :id FOR UPDATE"), {"id": run_id}
             )
-            await publish_raw(settings, body)
+            await publish_raw(settings, body, reply_to="fault.key")
+            outcome = Outcome.model_validate_json((await tap.next(timeout_s=30)).body)
             [dead] = await dead_letters(settings, 1, timeout_s=30)
             await transaction.rollback()
+            with pytest.raises(TimeoutError):
+                await tap.next(timeout_s=1.0)
     finally:
         await engine.dispose()
+    assert outcome.status is OutcomeStatus.ABORT
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.DELIVERY_LIMIT
+    assert "lock" in outcome.error.message
+    assert outcome.details.reason is not None
+    assert outcome.details.reason.startswith(
+        f"Gave up after {settings.delivery_limit + 1} deliveries"
+    )
     assert dead.body == body
-    deaths = dead.headers["x-death"]
-    assert isinstance(deaths, list)
-    first_death = deaths[0]
-    assert isinstance(first_death, dict)
-    assert first_death["reason"] == "delivery_limit"
+    assert dead.headers["x-arbiter-error-code"] == "delivery_limit"
+    assert "lock" in str(dead.headers["x-arbiter-error-message"])
     assert await history_of(settings, run_id) == ["Scheduled"]
 
 
@@ -171,3 +181,35 @@ async def test_an_unexpected_error_requeues_the_delivery_instead_of_stranding_it
     assert outcome.status is OutcomeStatus.ACCEPT
     assert calls == 2
     assert await history_of(settings, run_id) == ["Pending"]
+
+
+async def test_an_error_on_every_delivery_is_answered_on_the_last_one(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that strikes every delivery (decoding always raises): the proposal is given
+    back until its last allowed delivery, which publishes an ABORT and dead-letters it."""
+    import worker.consumer
+
+    calls = 0
+
+    def decode_always_failing(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in decoding")
+
+    monkeypatch.setattr(worker.consumer, "decode_proposal", decode_always_failing)
+    proposal_id = uuid.uuid4()
+    document = proposal_body(uuid.uuid4(), StateType.PENDING, proposal_id=proposal_id, run={})
+    body = json.dumps(document).encode()
+    async with running_worker(settings), OutcomeTap(settings, "bug.key") as tap:
+        await publish_raw(settings, body, reply_to="bug.key", message_id=str(proposal_id))
+        outcome = Outcome.model_validate_json((await tap.next()).body)
+        [dead] = await dead_letters(settings, 1)
+    assert outcome.status is OutcomeStatus.ABORT
+    assert outcome.proposal_id == proposal_id
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.DELIVERY_LIMIT
+    assert outcome.error.message == "RuntimeError: a bug in decoding"
+    assert dead.headers["x-arbiter-error-code"] == "delivery_limit"
+    # Each delivery decodes once; the last one tries once more to read the proposal's id.
+    assert calls == settings.delivery_limit + 2

@@ -73,6 +73,21 @@ def translate_db_error(exc: BaseException) -> StoreError | None:
     return None
 
 
+# What the database refuses because of the values it was given: data exceptions (22: a
+# number out of range, an invalid text representation…) and integrity constraint
+# violations (23). The same content fails the same way on every attempt.
+_CONTENT_SQLSTATE_CLASSES = ("22", "23")
+
+
+def refused_content(exc: BaseException) -> str | None:
+    """The database's reason when it refused a statement for the values in it, else None."""
+    sqlstate = _sqlstate(exc)
+    if sqlstate is None or not sqlstate.startswith(_CONTENT_SQLSTATE_CLASSES):
+        return None
+    error = translate_db_error(exc)
+    return str(error) if error is not None else f"database error {sqlstate}"
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether retrying the whole transaction may succeed (also for errors raised at commit)."""
     error = translate_db_error(exc)

@@ -1,0 +1,102 @@
+"""Content the database refuses (SQLSTATE classes 22 and 23) that escapes the decoder's checks:
+answered INVALID ``unstorable`` with the database's reason on the first delivery, dead-lettered
+with that reason, never requeued to fail the same way again; its batch neighbours commit."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from tests.fixtures.services import running_worker
+from tests.integration.test_invalid_proposals import dead_letters
+from tests.integration.test_worker_roundtrip import (
+    OutcomeTap,
+    history_of,
+    proposal_body,
+    publish_raw,
+)
+from worker.db.store import PgStore
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+# A statement that fails with a data exception (22012) or an integrity violation (23502).
+FAILING_SQL = {
+    "22012": "SELECT 1 / 0",
+    "23502": "INSERT INTO concurrency_limit (tag, concurrency_limit) VALUES (NULL, 1)",
+}
+
+
+def refuse_run_named(monkeypatch: pytest.MonkeyPatch, name: str, sql: str) -> Callable[[], int]:
+    """Make recording a proposal whose run is called ``name`` send ``sql`` first, as if the
+    database refused something in that proposal; returns how many times that happened."""
+    calls = 0
+    real: Callable[..., Awaitable[None]] = PgStore.record_processed
+
+    async def record_processed(self: PgStore, *args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        run_id = args[3]
+        run = await self.read_flow_run(run_id)
+        if run is not None and run.name == name:
+            calls += 1
+            await self._execute(text(sql))
+        await real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PgStore, "record_processed", record_processed)
+    return lambda: calls
+
+
+@pytest.mark.parametrize("sqlstate", sorted(FAILING_SQL))
+async def test_content_the_database_refuses_is_answered_invalid_once_and_dead_lettered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, sqlstate: str
+) -> None:
+    """One attempt, one INVALID answer naming the SQLSTATE, one dead letter saying why."""
+    attempts = refuse_run_named(monkeypatch, "poison", FAILING_SQL[sqlstate])
+    run_id = uuid.uuid4()
+    body = json.dumps(proposal_body(run_id, StateType.PENDING, run={"name": "poison"})).encode()
+    async with running_worker(settings), OutcomeTap(settings, "content.key") as tap:
+        await publish_raw(settings, body, reply_to="content.key")
+        outcome = Outcome.model_validate_json((await tap.next()).body)
+        [dead] = await dead_letters(settings, 1)
+        with pytest.raises(TimeoutError):
+            await tap.next(timeout_s=1.0)
+    assert outcome.status is OutcomeStatus.INVALID
+    assert outcome.error is not None
+    assert outcome.error.code is ErrorCode.UNSTORABLE
+    assert sqlstate in outcome.error.message
+    assert dead.body == body
+    assert dead.headers["x-arbiter-error-code"] == "unstorable"
+    assert sqlstate in str(dead.headers["x-arbiter-error-message"])
+    assert attempts() == 1
+    assert await history_of(settings, run_id) == []
+
+
+async def test_a_refused_proposal_does_not_cost_its_neighbours(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Valid proposals published around a refused one are all accepted and written."""
+    refuse_run_named(monkeypatch, "poison", FAILING_SQL["22012"])
+    good = [uuid.uuid4() for _ in range(6)]
+    bad = uuid.uuid4()
+    async with running_worker(settings), OutcomeTap(settings, "content.key") as tap:
+        for index, run_id in enumerate(good):
+            if index == 3:
+                poison = proposal_body(bad, StateType.PENDING, run={"name": "poison"})
+                await publish_raw(settings, json.dumps(poison).encode(), reply_to="content.key")
+            body = proposal_body(run_id, StateType.PENDING, run={"name": "fine"})
+            await publish_raw(settings, json.dumps(body).encode(), reply_to="content.key")
+        outcomes = [Outcome.model_validate_json((await tap.next()).body) for _ in range(7)]
+    statuses = {outcome.run_id: outcome.status for outcome in outcomes}
+    assert statuses == {
+        **{run_id: OutcomeStatus.ACCEPT for run_id in good},
+        bad: OutcomeStatus.INVALID,
+    }
+    for run_id in good:
+        assert await history_of(settings, run_id) == ["Pending"]
+    assert await history_of(settings, bad) == []
