@@ -23,8 +23,10 @@ window). Per-transition CPU is the steadier figure on a shared box.
     .venv/bin/python benchmarks/bench.py --drain --workers 2 --runs 3000
     .venv/bin/python benchmarks/bench.py --drain --workers 1 --runs 3000 --mix
 
-``--batch-max`` / ``--batch-wait-ms`` reach the workers as ARBITER_BATCH_MAX /
-ARBITER_BATCH_WAIT_MS when their Settings have those fields (else they are ignored, saying so).
+Each worker processes ``--concurrency`` (16) at once with a prefetch of twice that, or of
+the worker's default prefetch when larger. ``--batch-max`` / ``--batch-wait-ms`` reach the
+workers as ARBITER_BATCH_MAX / ARBITER_BATCH_WAIT_MS when their Settings have those fields
+(else they are ignored, saying so).
 """
 
 from __future__ import annotations
@@ -274,6 +276,13 @@ def batch_settings(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]
     return known, notes
 
 
+def default_prefetch(concurrency: int) -> int:
+    """Two deliveries per proposal processed at once, as the pool was first measured, or the
+    worker's own default if larger (a batching worker needs a window that holds batches)."""
+    worker_default = Settings.model_fields["prefetch"].default
+    return max(2 * concurrency, worker_default if isinstance(worker_default, int) else 0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -282,12 +291,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, help="default 2000; 3000 with --drain")
     parser.add_argument("--executors", type=int, default=64, help="fire-and-await only")
     parser.add_argument("--concurrency", type=int, default=16, help="per worker")
-    parser.add_argument("--prefetch", type=int, help="per worker; default twice --concurrency")
+    parser.add_argument(
+        "--prefetch", type=int, help="per worker; default 2 x concurrency or the worker's default"
+    )
     parser.add_argument("--drain", action="store_true", help="time a published backlog")
     parser.add_argument("--mix", action="store_true", help="drain: flow runs with task runs")
     parser.add_argument("--tasks-per-flow", type=int, default=4)
     parser.add_argument("--batch-max", type=int, help="ARBITER_BATCH_MAX, if supported")
-    parser.add_argument("--batch-wait-ms", type=int, help="ARBITER_BATCH_WAIT_MS, if supported")
+    parser.add_argument("--batch-wait-ms", type=float, help="ARBITER_BATCH_WAIT_MS, if supported")
     args = parser.parse_args()
     if args.mix and not args.drain:
         parser.error("--mix needs --drain")
@@ -302,7 +313,7 @@ def main() -> int:
             amqp_url=services.amqp_url,
             database_url=services.database_url,
             concurrency=args.concurrency,
-            prefetch=args.prefetch or args.concurrency * 2,
+            prefetch=args.prefetch or default_prefetch(args.concurrency),
             metrics_port=0,  # each worker on a free port: WorkerPool.ports
             **batch,
         )
