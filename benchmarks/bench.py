@@ -80,7 +80,11 @@ class Meter:
 
     def cpu(self) -> dict[str, float | None]:
         seconds = {name: server.seconds() for name, server in self.servers.items()}
-        return {"worker": sum(cpu_seconds(proc.pid) for proc in self.pool.procs), **seconds}
+        return {
+            "worker": sum(cpu_seconds(proc.pid) for proc in self.pool.procs),
+            "load generator": time.process_time(),  # this process: executors or drain consumer
+            **seconds,
+        }
 
     def begin(self) -> None:
         self.metrics_before = scrape(self.pool.ports)  # before the CPU: scraping costs some
@@ -103,17 +107,20 @@ class Meter:
         )
 
     def cpu_lines(self, transitions: int) -> list[str]:
-        """Each server's CPU per transition and share of the window (cores busy)."""
+        """Each server's and this process's CPU per transition and share of the window (cores
+        busy); the workers' per-transition figure is printed last, by ``main``."""
         window = max(self.ended - self.began, 1e-9)
+        scopes = {name: server.scope for name, server in self.servers.items()}
+        scopes["load generator"] = "this process"
         lines = []
-        for name, server in self.servers.items():
+        for name, scope in scopes.items():
             used = self.used(name)
             if used is None or transitions == 0:
-                lines.append(f"{name} CPU/trans n/a ({server.scope})")
+                lines.append(f"{name} CPU/trans n/a ({scope})")
                 continue
             lines.append(
                 f"{name} CPU/trans {used / transitions * 1000:.2f} ms"
-                f" ({used / window:.2f} cores; {server.scope})"
+                f" ({used / window:.2f} cores; {scope})"
             )
         worker = self.used("worker") or 0.0
         lines.append(f"worker CPU       {worker:.1f} s ({worker / window:.2f} cores)")
