@@ -51,7 +51,7 @@ class Backlog:
 
 
 def _body(
-    run_kind: RunKind, run_id: uuid.UUID, state: StateType, run: object
+    run_kind: RunKind, run_id: uuid.UUID, state: StateType, run: FlowRunSpec | TaskRunSpec | None
 ) -> tuple[uuid.UUID, bytes]:
     proposal_id = uuid.uuid4()
     document: dict[str, object] = {
@@ -61,7 +61,7 @@ def _body(
         "run_id": str(run_id),
         "state": {"type": state.value},
     }
-    if isinstance(run, FlowRunSpec | TaskRunSpec):
+    if run is not None:
         document["run"] = run.model_dump(mode="json", exclude_defaults=True)
     return proposal_id, json.dumps(document, separators=(",", ":")).encode()
 
@@ -72,7 +72,7 @@ def build_backlog(runs: int, *, mix: bool, tasks_per_flow: int) -> Backlog:
     tasks = [uuid.uuid4() for _ in range(runs - len(flows))]
     # Task run j belongs to flow run j mod F: at least F proposals after its flow's.
     parent = {task: flows[j % len(flows)] if flows else None for j, task in enumerate(tasks)}
-    pending: list[tuple[RunKind, uuid.UUID, object]] = [
+    pending: list[tuple[RunKind, uuid.UUID, FlowRunSpec | TaskRunSpec]] = [
         ("flow_run", flow, FlowRunSpec(flow_name="bench")) for flow in flows
     ]
     pending += [
