@@ -34,21 +34,22 @@ FAILING_SQL = {
 
 
 def refuse_run_named(monkeypatch: pytest.MonkeyPatch, name: str, sql: str) -> Callable[[], int]:
-    """Make recording a proposal whose run is called ``name`` send ``sql`` first, as if the
-    database refused something in that proposal; returns how many times that happened."""
+    """Make recording a batch holding a proposal whose run is called ``name`` send ``sql``
+    first, as if the database refused something in that proposal; returns how many
+    transactions held it."""
     calls = 0
-    real: Callable[..., Awaitable[None]] = PgStore.record_processed
+    real: Callable[..., Awaitable[int]] = PgStore.record_many
 
-    async def record_processed(self: PgStore, *args: Any, **kwargs: Any) -> None:
+    async def record_many(self: PgStore, records: list[dict[str, Any]]) -> int:
         nonlocal calls
-        run_id = args[3]
-        run = await self.read_flow_run(run_id)
-        if run is not None and run.name == name:
-            calls += 1
-            await self._execute(text(sql))
-        await real(self, *args, **kwargs)
+        for record in records:
+            run = await self.read_flow_run(record["p_run_id"])
+            if run is not None and run.name == name:
+                calls += 1
+                await self._execute(text(sql))
+        return await real(self, records)
 
-    monkeypatch.setattr(PgStore, "record_processed", record_processed)
+    monkeypatch.setattr(PgStore, "record_many", record_many)
     return lambda: calls
 
 

@@ -191,3 +191,45 @@ FLOW_TIMESTAMP_TAKEN = sa.select(
         _FS.c.timestamp == sa.bindparam("timestamp", type_=sa.DateTime(timezone=True)),
     )
 )
+
+
+# --- batches: many runs and proposals per statement -------------------------------------------
+
+_IDS = sa.bindparam("ids", type_=ARRAY(sa.Uuid))
+
+
+def _batch_statements(kind: RunTables) -> dict[str, Any]:
+    run = kind.run
+    return {
+        # Locked in id order, waiting for each (a batch of one), or skipping the runs other
+        # transactions hold (a larger batch leaves those proposals to be settled alone).
+        "lock_many": sa.select(run.c.id)
+        .where(run.c.id == sa.any_(_IDS))
+        .order_by(run.c.id)
+        .with_for_update(),
+        "lock_many_skip_locked": sa.select(run.c.id)
+        .where(run.c.id == sa.any_(_IDS))
+        .order_by(run.c.id)
+        .with_for_update(skip_locked=True),
+        # A statement after the locks: its snapshot sees what the lock waits let commit.
+        "read_many": _run_select(kind).where(run.c.id == sa.any_(_IDS)),
+        "insert_many_if_absent": pg_insert(run)
+        .on_conflict_do_nothing(index_elements=[run.c.id])
+        .returning(run.c.id),
+    }
+
+
+BATCH_BY_KIND = {kind: _batch_statements(k) for kind, k in KINDS.items()}
+FIND_PROCESSED_MANY = sa.select(
+    _P.c.proposal_id.label(PROCESSED_PREFIX + "proposal_id"), *_PROCESSED_COLUMNS
+).where(_P.c.proposal_id == sa.any_(_IDS))
+RUN_KINDS_OF_MANY = (
+    sa.select(tables.flow_run.c.id, sa.literal("flow_run").label("kind"))
+    .where(tables.flow_run.c.id == sa.any_(_IDS))
+    .union_all(
+        sa.select(tables.task_run.c.id, sa.literal("task_run").label("kind")).where(
+            tables.task_run.c.id == sa.any_(_IDS)
+        )
+    )
+)
+RECORD_PROCESSED_MANY = RECORD_PROCESSED.returning(_P.c.proposal_id)

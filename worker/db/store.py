@@ -124,6 +124,7 @@ class PgStore:
 
     def __init__(self, connection: AsyncConnection) -> None:
         self._conn = connection
+        self.statements = 0  # sent so far: the figure benchmarks divide by proposals
         self._deferring = False
         self._pending_state: _Write | None = None
         self._pending_run: _Write | None = None
@@ -158,6 +159,7 @@ class PgStore:
         self, statement: Executable, params: Mapping[str, Any] | None = None
     ) -> CursorResult[Any]:
         """The single place library exceptions become ``StoreError``."""
+        self.statements += 1
         try:
             return await self._conn.execute(statement, params)
         except Exception as exc:
@@ -453,6 +455,59 @@ class PgStore:
             raise StoreError(f"proposal {proposal_id} was recorded concurrently", retryable=True)
         if runs_saved == 0:
             raise StoreError(f"no {run_kind} {run_id} to save", retryable=False)
+
+    # -- batches -------------------------------------------------------------------------------
+
+    async def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
+        """One statement for many rows (SQLAlchemy sends a multi-row INSERT, or pipelines
+        an UPDATE per row in one round trip)."""
+        await self._execute(statement, rows)  # type: ignore[arg-type]
+
+    async def lock_runs(
+        self, kind: RunKind, run_ids: list[uuid.UUID], *, skip_locked: bool = False
+    ) -> set[uuid.UUID]:
+        """Lock the runs that exist among ``run_ids``, in id order; their ids. With
+        ``skip_locked``, runs another transaction holds are left out instead of waited for."""
+        chosen = "lock_many_skip_locked" if skip_locked else "lock_many"
+        result = await self._execute(sql.BATCH_BY_KIND[kind][chosen], {"ids": run_ids})
+        return {row[0] for row in result}
+
+    async def read_runs(
+        self, kind: RunKind, run_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, FlowRun | TaskRun]:
+        """The runs with their current states (no lock: the caller locked them before)."""
+        k = sql.KINDS[kind]
+        rows = await self._execute(sql.BATCH_BY_KIND[kind]["read_many"], {"ids": run_ids})
+        return {row["id"]: _run_from(k, row) for row in rows.mappings()}
+
+    async def insert_runs_if_absent(
+        self, kind: RunKind, runs: list[FlowRun | TaskRun]
+    ) -> set[uuid.UUID]:
+        """Insert new runs (no state yet); the ids this transaction inserted. An id another
+        transaction inserted first waits for it to end and is left out."""
+        values = [_run_values(sql.KINDS[kind], run) for run in runs]
+        result = await self._execute(sql.BATCH_BY_KIND[kind]["insert_many_if_absent"], values)  # type: ignore[arg-type]
+        return {row[0] for row in result}
+
+    async def run_kinds_of(self, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, RunKind]:
+        rows = await self._execute(sql.RUN_KINDS_OF_MANY, {"ids": run_ids})
+        return {row.id: row.kind for row in rows}
+
+    async def find_processed_many(
+        self, proposal_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, ProcessedProposal]:
+        rows = await self._execute(sql.FIND_PROCESSED_MANY, {"ids": proposal_ids})
+        found = {}
+        for row in rows.mappings():
+            record = _processed_from(row)
+            if record is not None:
+                found[row[sql.PROCESSED_PREFIX + "proposal_id"]] = record
+        return found
+
+    async def record_many(self, records: list[dict[str, Any]]) -> int:
+        """Record processed proposals (``RECORD_PROCESSED``'s parameters); how many were new."""
+        result = await self._execute(sql.RECORD_PROCESSED_MANY, records)  # type: ignore[arg-type]
+        return len(result.all())
 
     async def purge_processed(self, older_than: dt.datetime) -> int:
         """Forget proposals processed before ``older_than``; how many were removed."""

@@ -1,0 +1,218 @@
+"""BatchStore: the rules' ``Store`` for many proposals in one transaction.
+
+A batch locks every run it touches up front (``worker.batch``), so the rules run in
+memory against this overlay: runs, new states, cache entries and tag limits written by
+one proposal are seen by the next, and nothing is sent to PostgreSQL until ``flush``
+writes it all with one set-based statement per table. Reads the overlay cannot answer
+(a parent flow run, a cache entry written by another transaction, a flow state's
+timestamp) go to the wrapped ``PgStore`` in the same transaction.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from rules.errors import StoreError
+from rules.store import TagLimit
+from schemas.runs import FlowRun, RunKind, TaskRun
+from schemas.states import State, StateType
+from worker.db import statements as sql
+from worker.db.storable import unstorable
+from worker.db.store import PgStore, _run_values, _state_values
+
+__all__ = ["BatchStore", "RunKey"]
+
+RunKey = tuple[RunKind, uuid.UUID]
+_KINDS: tuple[RunKind, RunKind] = ("flow_run", "task_run")
+
+
+@dataclass
+class _CacheEntry:
+    cache_key: str
+    expiration: dt.datetime | None
+    state_id: uuid.UUID
+
+
+@dataclass
+class _Pending:
+    """Everything the batch will write at ``flush``, in the order it was written."""
+
+    states: dict[RunKind, list[dict[str, Any]]] = field(
+        default_factory=lambda: {"flow_run": [], "task_run": []}
+    )
+    runs: dict[RunKey, FlowRun | TaskRun] = field(default_factory=dict)
+    cache: list[_CacheEntry] = field(default_factory=list)
+    limits: dict[str, TagLimit] = field(default_factory=dict)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BatchStore:
+    """An in-memory overlay on one transaction's ``PgStore``; see the module docstring.
+
+    ``runs`` holds the batch's locked runs, latest version first-class: the worker hands
+    them to the orchestrator itself (no copy), and ``save_run`` puts the new version back.
+    """
+
+    def __init__(self, db: PgStore, runs: dict[RunKey, FlowRun | TaskRun]) -> None:
+        self.db = db
+        self.runs = runs
+        self._reads: dict[RunKey, FlowRun | TaskRun | None] = {}
+        self._states: dict[uuid.UUID, State] = {}
+        self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
+        self._limits: dict[str, TagLimit | None] = {}
+        self.pending = _Pending()
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def remember(self, kind: RunKind, run: FlowRun | TaskRun | None, run_id: uuid.UUID) -> None:
+        """An unlocked read made for the whole batch (a task's flow run, read up front)."""
+        self._reads[(kind, run_id)] = run
+
+    async def _read(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
+        key = (kind, run_id)
+        if key in self.runs:
+            return self.runs[key].model_copy(deep=True)
+        if key not in self._reads:
+            self._reads[key] = await (
+                self.db.read_flow_run(run_id)
+                if kind == "flow_run"
+                else self.db.read_task_run(run_id)
+            )
+        found = self._reads[key]
+        return found.model_copy(deep=True) if found is not None else None
+
+    async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
+        run = await self._read("flow_run", run_id)
+        assert run is None or isinstance(run, FlowRun)
+        return run
+
+    async def read_task_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        run = await self._read("task_run", run_id)
+        assert run is None or isinstance(run, TaskRun)
+        return run
+
+    async def lock_task_run(self, run_id: uuid.UUID) -> TaskRun | None:
+        key: RunKey = ("task_run", run_id)
+        if key not in self.runs:
+            locked = await self.db.lock_task_run(run_id)
+            if locked is None:
+                return None
+            self.runs[key] = locked
+            self._reads.pop(key, None)
+        run = self.runs[key]
+        assert isinstance(run, TaskRun)
+        return run.model_copy(deep=True)
+
+    async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
+        key = (kind, run.id)
+        self.runs[key] = run
+        self._reads.pop(key, None)
+        self.pending.runs[key] = run
+
+    # -- states --------------------------------------------------------------------------------
+
+    async def insert_state(self, kind: RunKind, run: FlowRun | TaskRun, state: State) -> None:
+        values = _state_values(sql.KINDS[kind], run.id, state)
+        refused = unstorable(
+            [values["name"], values["message"], values["state_details"], values["data"]]
+        )
+        if refused is not None:
+            raise StoreError(f"a state cannot be stored: {refused}", retryable=False)
+        self.pending.states[kind].append(values)
+        self._states[state.id] = state.model_copy(deep=True)
+        if kind == "flow_run":
+            self._flow_timestamps.setdefault(run.id, set()).add(state.timestamp)
+
+    async def flow_state_timestamp_taken(self, run_id: uuid.UUID, timestamp: dt.datetime) -> bool:
+        if timestamp in self._flow_timestamps.get(run_id, ()):
+            return True
+        return await self.db.flow_state_timestamp_taken(run_id, timestamp)
+
+    # -- task cache ----------------------------------------------------------------------------
+
+    async def find_cached_state(self, cache_key: str, now: dt.datetime) -> State | None:
+        # Entries written in this batch are the newest; the last one written wins.
+        for entry in reversed(self.pending.cache):
+            live = entry.expiration is None or entry.expiration > now
+            state = self._states.get(entry.state_id)
+            if entry.cache_key != cache_key or not live or state is None:
+                continue
+            if state.type is StateType.COMPLETED:
+                return state.model_copy(deep=True)
+        return await self.db.find_cached_state(cache_key, now)
+
+    async def insert_cache_entry(
+        self, cache_key: str, expiration: dt.datetime | None, state_id: uuid.UUID
+    ) -> None:
+        self.pending.cache.append(_CacheEntry(cache_key, expiration, state_id))
+
+    # -- tag limits ----------------------------------------------------------------------------
+
+    async def lock_tag_limits(self, tags: list[str]) -> list[TagLimit]:
+        wanted = sorted(set(tags))
+        missing = [tag for tag in wanted if tag not in self._limits]
+        if missing:
+            found = {limit.tag: limit for limit in await self.db.lock_tag_limits(missing)}
+            for tag in missing:
+                self._limits[tag] = found.get(tag)
+        return [
+            TagLimit(limit.tag, limit.limit, list(limit.active_slots))
+            for tag in wanted
+            if (limit := self._limits[tag]) is not None
+        ]
+
+    async def save_tag_limit(self, limit: TagLimit) -> None:
+        saved = TagLimit(limit.tag, limit.limit, list(limit.active_slots))
+        self._limits[limit.tag] = saved
+        self.pending.limits[limit.tag] = saved
+
+    # -- writing it all ------------------------------------------------------------------------
+
+    def record(self, values: dict[str, Any]) -> None:
+        """A processed proposal's record (``RECORD_PROCESSED``'s parameters)."""
+        self.pending.records.append(values)
+
+    async def flush(self) -> None:
+        """Every pending write, one statement per table; the caller commits."""
+        pending = self.pending
+        for kind in _KINDS:
+            if pending.states[kind]:
+                await self.db.execute_many(sql.BY_KIND[kind]["insert_state"], pending.states[kind])
+        for kind in _KINDS:
+            updates = []
+            for (run_kind, run_id), run in pending.runs.items():
+                if run_kind != kind:
+                    continue
+                values = _run_values(sql.KINDS[kind], run)
+                del values["id"]
+                updates.append({**values, "run_key": run_id})
+            if updates:
+                await self.db.execute_many(sql.BY_KIND[kind]["update"], updates)
+        if pending.cache:
+            entries = [
+                {
+                    "cache_key": e.cache_key,
+                    "cache_expiration": e.expiration,
+                    "task_run_state_id": e.state_id,
+                }
+                for e in pending.cache
+            ]
+            await self.db.execute_many(sql.INSERT_CACHE_ENTRY, entries)
+        if pending.limits:
+            limits = [
+                {"limit_tag": limit.tag, "active_slots": list(limit.active_slots)}
+                for limit in pending.limits.values()
+            ]
+            await self.db.execute_many(sql.SAVE_TAG_LIMIT, limits)
+        if pending.records:
+            recorded = await self.db.record_many(pending.records)
+            if recorded < len(pending.records):
+                # One id used for two runs was recorded by another transaction meanwhile:
+                # the retry (of the culprit alone) answers its replay or conflict.
+                raise StoreError(
+                    "a proposal in the batch was recorded concurrently", retryable=True
+                )
+        self.pending = _Pending()

@@ -1,0 +1,87 @@
+"""Everything a worker publishes: outcomes, outboxes and dead letters, each confirmed by the
+broker and retried through brief faults."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
+
+from rules.context import OutboxMessage
+from schemas import Outcome
+from worker.settings import Settings
+from worker.topology import Topology
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes on the worker's confirming channel; every method raises once retries
+    are spent, and the caller then requeues the delivery."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+
+    async def outcome(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
+        """The answer to ``message``: to its reply_to, else ``outcome.<kind>.<status>``."""
+        reply = aio_pika.Message(
+            body=outcome.model_dump_json().encode(),
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT,
+            correlation_id=message.correlation_id,
+            message_id=str(outcome.proposal_id) if outcome.proposal_id else message.message_id,
+            headers={"x-arbiter-status": outcome.status.value},
+        )
+        routing_key = message.reply_to or outcome.routing_key()
+        exchange = self.topology.outcomes_exchange
+        await self._with_retries(lambda: exchange.publish(reply, routing_key=routing_key))
+
+    async def outbox(self, outbox: list[OutboxMessage]) -> None:
+        """A transaction's events and enqueued task runs, in order."""
+        for item in outbox:
+            exchange = (
+                self.topology.events_exchange
+                if item.channel == "event"
+                else self.topology.task_runs_exchange
+            )
+            body = aio_pika.Message(
+                body=json.dumps(item.body, default=str).encode(),
+                content_type="application/json",
+                delivery_mode=DeliveryMode.PERSISTENT,
+                message_id=item.message_id,
+            )
+            await self._with_retries(
+                functools.partial(exchange.publish, body, routing_key=item.routing_key)
+            )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, code: str, why: str) -> None:
+        """A copy of the delivery to the dead-letter exchange, saying why it is there."""
+        dead = aio_pika.Message(
+            body=message.body,
+            content_type=message.content_type,
+            delivery_mode=DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            headers={
+                **(message.headers or {}),
+                "x-arbiter-error-code": code,
+                "x-arbiter-error-message": why[:1000],
+            },
+        )
+        exchange = self.topology.dead_exchange
+        await self._with_retries(lambda: exchange.publish(dead, routing_key=""))
+
+    async def _with_retries(self, publish: Callable[[], Awaitable[object]]) -> None:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self.settings.retry_attempts),
+            wait=wait_random_exponential(multiplier=0.05, max=self.settings.retry_max_wait_s),
+            reraise=True,
+        ):
+            with attempt:
+                await publish()
