@@ -505,8 +505,14 @@ def decision_line(processed: Processed, seconds: float) -> str:
     )
 
 
-async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -> int:
-    """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code."""
+async def run_worker(
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    metrics: WorkerMetrics | None = None,
+) -> int:
+    """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code.
+    ``metrics`` lets an in-process caller (a test) read the worker's counters."""
     from worker.runtime import ServiceError
 
     stop = stop or asyncio.Event()
@@ -514,7 +520,7 @@ async def run_worker(settings: Settings, *, stop: asyncio.Event | None = None) -
     for signum in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    metrics = WorkerMetrics()
+    metrics = metrics or WorkerMetrics()
     if settings.metrics_port is not None:
         try:
             port = metrics.serve(settings.metrics_port)
