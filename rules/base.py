@@ -69,10 +69,12 @@ class BaseOrchestrationRule(Generic[ContextT]):
     async def __aenter__(self) -> ContextT:
         if await self.invalid():
             return self.context
+        if type(self).before_transition is BaseOrchestrationRule.before_transition:
+            # No before-hook: nothing can mutate the proposal, and no copies are needed.
+            self.context.rule_signature.append(str(type(self)))
+            return self.context
         entry = self.context.entry_context()
-        # Only a rule with its own before-hook can mutate the proposal; skip the dump otherwise.
-        watches = type(self).before_transition is not BaseOrchestrationRule.before_transition
-        before = self._proposed_fingerprint() if watches else None
+        before = self._proposed_fingerprint()
         try:
             await self.before_transition(*entry)
             self.context.rule_signature.append(str(type(self)))
@@ -84,7 +86,7 @@ class BaseOrchestrationRule(Generic[ContextT]):
             self.context.orchestration_error = exc
             self.context.trace(self.name(), RuleEffect.ABORT, reason)
             return self.context
-        if watches and not self._changed and self._proposed_fingerprint() != before:
+        if not self._changed and self._proposed_fingerprint() != before:
             self._changed = True
             self.context.trace(self.name(), RuleEffect.MUTATE)
         return self.context
@@ -95,16 +97,22 @@ class BaseOrchestrationRule(Generic[ContextT]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        exit_args = self.context.exit_context()
+        # The copies are taken before anything below can change the context, and only for
+        # a hook the rule overrides: for the base class's no-op they cost more than it.
+        cleans = self._overrides_cleanup()
+        finishes = type(self).after_transition is not BaseOrchestrationRule.after_transition
+        exit_args = self.context.exit_context() if cleans or finishes else None
         if await self.invalid():
             return
         if await self.fizzled():
-            if self._changed or type(self).cleanup is not BaseOrchestrationRule.cleanup:
-                effect = RuleEffect.CLEANUP if self._overrides_cleanup() else RuleEffect.FIZZLE
+            if self._changed or cleans:
+                effect = RuleEffect.CLEANUP if cleans else RuleEffect.FIZZLE
                 self.context.trace(self.name(), effect)
-            await self.cleanup(*exit_args)
+            if exit_args is not None and cleans:
+                await self.cleanup(*exit_args)
         else:
-            await self.after_transition(*exit_args)
+            if exit_args is not None and finishes:
+                await self.after_transition(*exit_args)
             self.context.finalization_signature.append(str(type(self)))
 
     def _overrides_cleanup(self) -> bool:

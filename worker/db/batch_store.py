@@ -60,7 +60,7 @@ class BatchStore:
         self.db = db
         self.runs = runs
         self._reads: dict[RunKey, FlowRun | TaskRun | None] = {}
-        self._states: dict[uuid.UUID, State] = {}
+        self._states: dict[uuid.UUID, dict[str, Any]] = {}  # column values, by state id
         self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
         self._limits: dict[str, TagLimit | None] = {}
         self.pending = _Pending()
@@ -122,7 +122,7 @@ class BatchStore:
         if refused is not None:
             raise StoreError(f"a state cannot be stored: {refused}", retryable=False)
         self.pending.states[kind].append(values)
-        self._states[state.id] = state.model_copy(deep=True)
+        self._states[state.id] = values
         if kind == "flow_run":
             self._flow_timestamps.setdefault(run.id, set()).add(state.timestamp)
 
@@ -137,11 +137,12 @@ class BatchStore:
         # Entries written in this batch are the newest; the last one written wins.
         for entry in reversed(self.pending.cache):
             live = entry.expiration is None or entry.expiration > now
-            state = self._states.get(entry.state_id)
-            if entry.cache_key != cache_key or not live or state is None:
+            values = self._states.get(entry.state_id)
+            if entry.cache_key != cache_key or not live or values is None:
                 continue
-            if state.type is StateType.COMPLETED:
-                return state.model_copy(deep=True)
+            if values["type"] == StateType.COMPLETED.value:
+                # Built from the values written, as a read from the table would be.
+                return State.model_validate({name: values[name] for name in sql.STATE_FIELDS})
         return await self.db.find_cached_state(cache_key, now)
 
     async def insert_cache_entry(
