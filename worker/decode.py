@@ -1,22 +1,25 @@
 """Turning a delivery's bytes into a Proposal, or into the reason it is INVALID.
 
 Every check that needs no database lives here, so bad input is refused before a
-transaction is opened: size, content type, JSON, schema version, schema, and the
-agreement of the ``message_id`` property with the body.
+transaction is opened: size, content type, JSON, what PostgreSQL could not store,
+schema version, schema, and the agreement of the ``message_id`` property with the body.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import sys
 import uuid
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import ValidationError
 
 from schemas import ErrorCode, Proposal, RunKind
 from schemas.messages import SCHEMA_VERSION
-from worker.db.storable import unstorable
+from worker.db.storable import Unreadable, unstorable
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,82 @@ def _refuse_constant(name: str) -> object:
     raise _NotJson(f"{name} is not a JSON value")
 
 
+class _NotFinite(ValueError):
+    """A number literal past a double's range (1e400), which Python reads as infinity."""
+
+
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise _NotFinite(literal)
+    return value
+
+
+def _digits(literal: str) -> int:
+    """Digits before any fraction or exponent: what Python's (and pydantic's) limit counts."""
+    return len(literal.lstrip("-").partition(".")[0].partition("e")[0].partition("E")[0])
+
+
+def _abbreviated(literal: str) -> str:
+    return literal if len(literal) <= 24 else f"{literal[:12]}...{literal[-8:]}"
+
+
+def _int_or_unreadable(literal: str) -> int | Unreadable:
+    try:
+        return int(literal)
+    except ValueError:
+        limit = sys.get_int_max_str_digits()
+        return Unreadable(f"integers may have at most {limit} digits (got {_digits(literal)})")
+
+
+def _float_or_unreadable(literal: str) -> float | Unreadable:
+    limit = sys.get_int_max_str_digits()
+    if limit and _digits(literal) > limit:
+        return Unreadable(f"numbers may have at most {limit} digits before the point")
+    value = float(literal)
+    if not math.isfinite(value):
+        return Unreadable(f"numbers must be finite (got {_abbreviated(literal)})")
+    return value
+
+
+def _marking_unreadable(text: str) -> object:
+    """``text`` parsed with each number Python cannot read, or reads as infinite, kept as an
+    ``Unreadable`` that ``unstorable`` reports with its path (slower: for refusals only)."""
+    return json.loads(
+        text,
+        parse_constant=_refuse_constant,
+        parse_int=_int_or_unreadable,
+        parse_float=_float_or_unreadable,
+    )
+
+
+class _Parsed(NamedTuple):
+    document: object
+    text: str
+    # Whether something PostgreSQL cannot store may be in it: JSON text carries a NUL or a
+    # lone surrogate only as a \u escape (raw control characters are not JSON, and UTF-8
+    # has no surrogates), and numbers are checked while parsing. So most bodies skip a walk.
+    suspect: bool
+
+
+def _parse(body: bytes) -> _Parsed | str:
+    """The parsed body, or why it is not JSON (MALFORMED_JSON)."""
+    try:
+        text = body.decode("utf-8")
+        try:
+            document = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
+        except (json.JSONDecodeError, _NotJson):
+            raise
+        except ValueError:
+            # A number past a double's range, or an integer past Python's digit limit.
+            return _Parsed(_marking_unreadable(text), text, suspect=True)
+    except (UnicodeDecodeError, json.JSONDecodeError, _NotJson) as exc:
+        return f"body is not UTF-8 JSON: {exc}"
+    except RecursionError:
+        return "body is nested too deeply to decode"
+    return _Parsed(document, text, suspect="\\u" in text)
+
+
 def decode_proposal(
     body: bytes,
     *,
@@ -107,13 +186,10 @@ def decode_proposal(
             f"content_type must be application/json, got {content_type!r}",
             proposal_id=fallback_id,
         )
-    try:
-        document = json.loads(body.decode("utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, _NotJson) as exc:
-        return Invalid(ErrorCode.MALFORMED_JSON, f"body is not UTF-8 JSON: {exc}", fallback_id)
-    except RecursionError:
-        message = "body is nested too deeply to decode"
-        return Invalid(ErrorCode.MALFORMED_JSON, message, fallback_id)
+    parsed = _parse(body)
+    if isinstance(parsed, str):
+        return Invalid(ErrorCode.MALFORMED_JSON, parsed, fallback_id)
+    document = parsed.document
     if not isinstance(document, dict):
         return Invalid(ErrorCode.SCHEMA_VIOLATION, "body must be a JSON object", fallback_id)
 
@@ -122,7 +198,7 @@ def decode_proposal(
         "run_kind": _kind_or_none(document.get("run_kind")),
         "run_id": _uuid_or_none(document.get("run_id")),
     }
-    refused = unstorable(document)
+    refused = unstorable(document) if parsed.suspect else None
     if refused is not None:
         return Invalid(ErrorCode.SCHEMA_VIOLATION, refused, **identity)  # type: ignore[arg-type]
     version = document.get("schema_version")

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from schemas import ErrorCode, FlowRunSpec, StateType, TaskRunSpec
+from worker.db.storable import unstorable
 from worker.decode import Decoded, Invalid, body_digest, decode_proposal
 
 MAX = 4096
@@ -212,3 +213,80 @@ def test_naive_times_are_read_as_utc() -> None:
     scheduled = state.state_details.scheduled_time
     assert scheduled is not None
     assert scheduled.utcoffset() == dt.timedelta(0)
+
+
+def with_literal(literal: str) -> Decoded | Invalid:
+    """Decode a valid body whose ``state.data.x[3]`` is ``literal``, written as is."""
+    document = body(state={"type": "COMPLETED", "data": {"x": [0, 1, 2, "@"]}})
+    raw = json.dumps(document).replace('"@"', literal).encode()
+    return decode_proposal(raw, content_type="application/json", message_id=None, max_bytes=10**6)
+
+
+@pytest.mark.parametrize(
+    ("literal", "shown"),
+    [
+        ("1e400", "1e400"),
+        ("-1E+400", "-1E+400"),
+        ("1" + "0" * 400 + ".5", "100000000000...000000.5"),
+    ],
+)
+def test_a_number_past_a_doubles_range_is_refused_where_it_is(literal: str, shown: str) -> None:
+    """Python reads 1e400 as infinity, which JSONB cannot store: refused before any
+    transaction, with its path and the literal as written (shortened if long)."""
+    decoded = with_literal(literal)
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert decoded.message == f"state.data.x[3]: numbers must be finite (got {shown})"
+
+
+@pytest.mark.parametrize("digits", [4301, 20_000])
+def test_an_integer_past_pythons_digit_limit_is_refused_where_it_is(digits: int) -> None:
+    """Python refuses to read an integer of more than 4300 digits (a plain ValueError): a
+    refusal naming the path, not an exception out of the decoder."""
+    decoded = with_literal("9" * digits)
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert decoded.message == (
+        f"state.data.x[3]: integers may have at most 4300 digits (got {digits})"
+    )
+
+
+def test_the_largest_double_and_the_widest_readable_integer_are_kept() -> None:
+    """Numbers at the edge of what Python reads are values, not refusals."""
+    decoded = with_literal("[1.7976931348623157e308, " + "9" * 4300 + "]")
+    assert isinstance(decoded, Decoded)
+    assert decoded.proposal.state.data == {"x": [0, 1, 2, [1.7976931348623157e308, 10**4300 - 1]]}
+
+
+def test_a_refused_key_is_named_in_json_escapes() -> None:
+    """The path shows a key that is not a plain name as JSON, so a NUL or surrogate in the key
+    cannot make the message itself unstorable."""
+    decoded = decode(body(state={"type": "COMPLETED", "data": {"a b": [{"k\x00": 1}]}}))
+    assert isinstance(decoded, Invalid)
+    assert decoded.message == (
+        'state.data["a b"][0]["k\\u0000"]: strings may not contain the NUL character (\\u0000)'
+    )
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59.999999-00:01"]
+)
+def test_a_timestamp_outside_utcs_years_is_refused(timestamp: str) -> None:
+    """The driver stores timestamps in UTC, where these fall outside years 1 to 9999."""
+    decoded = decode(body(state={"type": "RUNNING", "timestamp": timestamp}))
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert decoded.message.startswith("state.timestamp: ")
+    assert "years 1 to 9999 in UTC" in decoded.message
+
+
+def test_unstorable_names_the_path_inside_the_value_it_is_given() -> None:
+    """The store passes a list of column values; the path starts at that list."""
+    assert unstorable(["ok", None, {"a": [1.5, float("nan")]}]) == (
+        "[2].a[1]: numbers must be finite (got nan)"
+    )
+
+
+def test_unstorable_finds_nothing_in_json_postgresql_stores() -> None:
+    """Unicode, huge integers, tiny and negative-zero floats are all storable."""
+    assert unstorable({"caf\u00e9": ["\U0001f600", 10**4000, 5e-324, -0.0, True, None]}) is None
