@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     JsonValue,
@@ -21,6 +22,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     field_validator,
 )
+from pydantic_core import to_json
 
 from schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
 from schemas.states import State, StateDetails, StateType, UtcDatetime
@@ -52,12 +54,23 @@ class ProposedState(BaseModel):
         )
 
 
+def _not_bool_or_float(value: object) -> object:
+    """``Literal[1]`` takes ``true`` and ``1.0`` (equal to 1 in Python), even when strict."""
+    if isinstance(value, bool | float):
+        raise ValueError("Input should be the integer 1")
+    return value
+
+
 class Proposal(BaseModel):
-    """A request to move one run into a new state (PROTOCOL §2)."""
+    """A request to move one run into a new state (PROTOCOL §2).
+
+    Read strictly: a boolean is not an integer, 1.0 and "1" are not 1, an enum is one of
+    its strings, and a timestamp is an RFC 3339 string.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1]
+    schema_version: Annotated[Literal[1], BeforeValidator(_not_bool_or_float)]
     proposal_id: uuid.UUID
     run_kind: RunKind
     run_id: uuid.UUID
@@ -75,6 +88,11 @@ class Proposal(BaseModel):
         kind = info.data.get("run_kind")
         if isinstance(value, dict) and kind in ("flow_run", "task_run"):
             spec = FlowRunSpec if kind == "flow_run" else TaskRunSpec
+            if info.mode == "json":
+                # JSON is the wire, and the wire is read strictly: the spec is read from JSON
+                # too, since python mode would take "1" or true for 1, and strict python
+                # mode would refuse the strings that UUIDs and timestamps arrive as.
+                return spec.model_validate_json(to_json(value), strict=True)
             return spec.model_validate(value)
         result: FlowRunSpec | TaskRunSpec | None = handler(value)
         return result

@@ -8,11 +8,22 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import re
 import uuid
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
+from pydantic_core import SchemaValidator, core_schema
 
 
 class StateType(StrEnum):
@@ -43,12 +54,47 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _assume_utc(value: dt.datetime) -> dt.datetime:
-    # Rules subtract these from the aware clock; a naive time from a client means UTC.
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+# RFC 3339's date-time, the offset optional (a naive time means UTC). The JSON Schema carries
+# the same pattern, so executors and this check agree.
+_RFC3339 = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})?$"
+)
+_RFC3339_MATCH = re.compile(_RFC3339).fullmatch  # fullmatch: `$` would allow a final "\n"
+_PARSE_DATETIME = SchemaValidator(core_schema.datetime_schema())
 
 
-UtcDatetime = Annotated[dt.datetime, AfterValidator(_assume_utc)]
+def _utc_datetime(
+    value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+) -> dt.datetime:
+    """A timestamp rules can compare with the aware clock and the database can store.
+
+    From JSON it is an RFC 3339 string: pydantic alone also reads "1700000000" as Unix
+    time. The string is parsed here because strict validation refuses a string that a
+    validator hands on. A naive time means UTC; an aware one must exist in UTC (years 1
+    to 9999), since the database driver converts to UTC.
+    """
+    if info.mode == "json" and isinstance(value, str):
+        if _RFC3339_MATCH(value) is None:
+            raise ValueError("timestamps must be RFC 3339 date-times, such as 2026-01-01T10:00:00Z")
+        parsed: dt.datetime = _PARSE_DATETIME.validate_python(value)
+    else:
+        parsed = handler(value)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=dt.UTC)
+    if parsed.year in (1, 9999):  # only at the ends of the range can UTC fall outside it
+        try:
+            parsed.astimezone(dt.UTC)
+        except OverflowError:
+            raise ValueError("timestamps must fall within the years 1 to 9999 in UTC") from None
+    return parsed
+
+
+UtcDatetime = Annotated[
+    dt.datetime,
+    WrapValidator(_utc_datetime),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": _RFC3339}),
+]
 
 
 class StateDetails(BaseModel):

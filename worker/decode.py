@@ -2,7 +2,8 @@
 
 Every check that needs no database lives here, so bad input is refused before a
 transaction is opened: size, content type, JSON, what PostgreSQL could not store,
-schema version, schema, and the agreement of the ``message_id`` property with the body.
+schema version, schema (read strictly, as another language's executor reads it), and
+the agreement of the ``message_id`` property with the body.
 """
 
 from __future__ import annotations
@@ -202,8 +203,8 @@ def decode_proposal(
     if refused is not None:
         return Invalid(ErrorCode.SCHEMA_VIOLATION, refused, **identity)  # type: ignore[arg-type]
     version = document.get("schema_version")
-    if version != SCHEMA_VERSION:
-        if isinstance(version, int) and not isinstance(version, bool):
+    if type(version) is not int or version != SCHEMA_VERSION:
+        if type(version) is int:
             return Invalid(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"schema_version {version} is not supported; this worker speaks {SCHEMA_VERSION}",
@@ -215,9 +216,20 @@ def decode_proposal(
             **identity,  # type: ignore[arg-type]
         )
     try:
-        proposal = Proposal.model_validate(document)
+        # Strict, from the body itself: python mode would take true, 1.0 or "1" for 1.
+        proposal = Proposal.model_validate_json(body, strict=True)
     except ValidationError as exc:
-        return Invalid(ErrorCode.SCHEMA_VIOLATION, _summarise(exc), **identity)  # type: ignore[arg-type]
+        if exc.errors()[0]["type"] != "json_invalid":
+            return Invalid(ErrorCode.SCHEMA_VIOLATION, _summarise(exc), **identity)  # type: ignore[arg-type]
+        # pydantic's parser has limits of its own (200 levels of nesting, 4300 digits
+        # before a decimal point): name the number if that was it.
+        refused = unstorable(_marking_unreadable(parsed.text))
+        if refused is not None:
+            return Invalid(ErrorCode.SCHEMA_VIOLATION, refused, **identity)  # type: ignore[arg-type]
+        reason = exc.errors()[0]["msg"]
+        if "recursion limit" in reason:
+            reason = f"body is nested too deeply to decode ({reason})"
+        return Invalid(ErrorCode.MALFORMED_JSON, reason, **identity)  # type: ignore[arg-type]
     if _explicit_message_id(message_id) and fallback_id != proposal.proposal_id:
         return Invalid(
             ErrorCode.SCHEMA_VIOLATION,

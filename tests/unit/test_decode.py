@@ -251,6 +251,17 @@ def test_an_integer_past_pythons_digit_limit_is_refused_where_it_is(digits: int)
     )
 
 
+def test_a_number_with_too_many_digits_for_the_validator_is_refused_where_it_is() -> None:
+    """pydantic's parser refuses a literal of over 4300 digits before its point even where
+    Python reads a modest float; that too is a refusal with a path, not a parse error."""
+    decoded = with_literal("1" * 4400 + "e-4390")
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert decoded.message == (
+        "state.data.x[3]: numbers may have at most 4300 digits before the point"
+    )
+
+
 def test_the_largest_double_and_the_widest_readable_integer_are_kept() -> None:
     """Numbers at the edge of what Python reads are values, not refusals."""
     decoded = with_literal("[1.7976931348623157e308, " + "9" * 4300 + "]")
@@ -266,6 +277,14 @@ def test_a_refused_key_is_named_in_json_escapes() -> None:
     assert decoded.message == (
         'state.data["a b"][0]["k\\u0000"]: strings may not contain the NUL character (\\u0000)'
     )
+
+
+def test_a_body_nested_past_the_validators_limit_is_malformed_json() -> None:
+    """pydantic's parser stops at 200 levels, before Python's does: still a refusal."""
+    decoded = with_literal("[" * 250 + "]" * 250)
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.MALFORMED_JSON
+    assert "nested too deeply" in decoded.message
 
 
 @pytest.mark.parametrize(
