@@ -1,12 +1,14 @@
-"""The transaction alone: how long one proposal's unit of work takes, without a broker.
+"""The transaction alone: what a batch's unit of work costs per proposal, without a broker.
 
-Runs ``worker.unit_of_work.run_in_transaction`` (lock, replay check, orchestrate with the
-core policies, write, record, commit) for task runs PENDING → RUNNING → COMPLETED, on
-``--concurrency`` connections at once, and prints proposals/s, the mean time per proposal,
-the CPU per proposal of this process, and the statements per proposal (counted by
-SQLAlchemy's ``before_cursor_execute`` event).
+Runs ``worker.batch.process_batch`` (lock, replay check, orchestrate with the core
+policies, write, record, commit) for task runs PENDING → RUNNING → COMPLETED, ``--batch``
+proposals per transaction (one phase of as many runs), on ``--concurrency`` connections at
+once, and prints proposals/s, the mean time per proposal, the CPU per proposal of this
+process, and the statements per proposal (counted by SQLAlchemy's
+``before_cursor_execute`` event; a multi-row statement counts once).
 
-    .venv/bin/python benchmarks/hot_path.py --runs 1000 --concurrency 1
+    .venv/bin/python benchmarks/hot_path.py --runs 1000 --concurrency 1 --batch 1
+    .venv/bin/python benchmarks/hot_path.py --runs 2048 --concurrency 2 --batch 64
 
 Servers: ``ARBITER_AMQP_URL`` / ``ARBITER_DATABASE_URL`` when set, else private ones
 (PostgreSQL with fsync on; RabbitMQ is started but unused).
@@ -25,13 +27,14 @@ from typing import Any
 from sqlalchemy import event
 
 from schemas import StateType
+from worker.batch import process_batch
 from worker.db.engine import create_engine
 from worker.db.migrate import upgrade_async
+from worker.db.store import PgStore
 from worker.decode import Decoded, decode_proposal
 from worker.devservices import provide_services
 from worker.runtime import build_orchestrator
 from worker.settings import Settings
-from worker.unit_of_work import run_in_transaction
 
 LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
 
@@ -49,7 +52,7 @@ def body(run_id: uuid.UUID, state_type: StateType, first: bool) -> bytes:
     return json.dumps(document).encode()
 
 
-async def measure(database_url: str, runs: int, concurrency: int) -> None:
+async def measure(database_url: str, runs: int, concurrency: int, batch: int) -> None:
     await upgrade_async(database_url)
     settings = Settings(database_url=database_url)
     engine = create_engine(database_url, pool_size=concurrency)
@@ -61,34 +64,52 @@ async def measure(database_url: str, runs: int, concurrency: int) -> None:
         statements += 1
 
     event.listen(engine.sync_engine, "before_cursor_execute", count)
-    queue: asyncio.Queue[uuid.UUID] = asyncio.Queue()
-    for _ in range(runs):
-        queue.put_nowait(uuid.uuid4())
 
-    async def one_run(run_id: uuid.UUID) -> None:
-        for index, state_type in enumerate(LIFECYCLE):
-            decoded = decode_proposal(
-                body(run_id, state_type, index == 0),
-                content_type="application/json",
-                message_id=None,
-                max_bytes=settings.max_message_bytes,
-            )
-            assert isinstance(decoded, Decoded), decoded
-            processed = await run_in_transaction(engine, orchestrator, decoded)
-            assert processed.outcome.status.value == "ACCEPT", processed.outcome.details
+    def decoded(run_id: uuid.UUID, state_type: StateType) -> Decoded:
+        result = decode_proposal(
+            body(run_id, state_type, state_type is LIFECYCLE[0]),
+            content_type="application/json",
+            message_id=None,
+            max_bytes=settings.max_message_bytes,
+        )
+        assert isinstance(result, Decoded), result
+        return result
 
-    async def runner() -> None:
-        while not queue.empty():
-            await one_run(queue.get_nowait())
+    async def one_batch(run_ids: list[uuid.UUID], state_type: StateType) -> None:
+        proposals = [decoded(run_id, state_type) for run_id in run_ids]
+        async with engine.begin() as conn:
+            results = await process_batch(PgStore(conn), orchestrator, proposals)
+        for processed in results:
+            assert processed is not None
+            assert processed.outcome.status.value == "ACCEPT", processed.outcome
 
-    await one_run(uuid.uuid4())  # warm up: prepared statements, compiled cache
+    async def phase(batches: list[list[uuid.UUID]], state_type: StateType) -> None:
+        queue: asyncio.Queue[list[uuid.UUID]] = asyncio.Queue()
+        for chunk in batches:
+            queue.put_nowait(chunk)
+
+        async def runner() -> None:
+            while not queue.empty():
+                await one_batch(queue.get_nowait(), state_type)
+
+        await asyncio.gather(*(runner() for _ in range(concurrency)))
+
+    run_ids = [uuid.uuid4() for _ in range(runs)]
+    batches = [run_ids[i : i + batch] for i in range(0, runs, batch)]
+    warm = uuid.uuid4()
+    for state_type in LIFECYCLE:  # warm up: prepared statements, compiled cache
+        await one_batch([warm], state_type)
     statements = 0
     cpu, wall = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(runner() for _ in range(concurrency)))
+    for state_type in LIFECYCLE:
+        await phase(batches, state_type)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     await engine.dispose()
     proposals = runs * len(LIFECYCLE)
-    print(f"proposals        {proposals} (task runs, core policy, one tag, {concurrency} at once)")
+    print(
+        f"proposals        {proposals} (task runs, core policy, one tag, {batch} per"
+        f" transaction, {concurrency} at once)"
+    )
     print(f"proposals/s      {proposals / wall:.1f}")
     print(f"wall/proposal    {wall / proposals * 1000:.2f} ms")
     print(f"cpu/proposal     {cpu / proposals * 1000:.2f} ms (this process)")
@@ -101,11 +122,12 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="proposals per transaction")
     args = parser.parse_args()
     with provide_services(
         durable=True, amqp_env="ARBITER_AMQP_URL", database_env="ARBITER_DATABASE_URL"
     ) as services:
-        asyncio.run(measure(services.database_url, args.runs, args.concurrency))
+        asyncio.run(measure(services.database_url, args.runs, args.concurrency, args.batch))
     return 0
 
 

@@ -17,23 +17,20 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from pydantic import TypeAdapter
-
-from rules.context import OrchestrationContext, OutboxMessage
+from rules.context import OrchestrationContext
 from rules.engine import Orchestrator
 from rules.errors import StoreError
 from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
 from schemas.runs import RunKind
 from worker.db.batch_store import BatchStore, RunKey
-from worker.db.store import PgStore
+from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
 from worker.outcomes import abort_outcome, invalid_outcome, outcome_from_context
-from worker.unit_of_work import Processed, replay
+from worker.unit_of_work import OUTBOX, Processed, replay
 
 __all__ = ["RuleFailed", "process_batch"]
 
 _KINDS: tuple[RunKind, RunKind] = ("flow_run", "task_run")
-_OUTBOX = TypeAdapter(list[OutboxMessage])
 
 
 class RuleFailed(Exception):
@@ -47,11 +44,14 @@ class RuleFailed(Exception):
 
 @dataclass(frozen=True)
 class _Runs:
-    """The batch's runs once locked, and the INVALID answers decided while locking."""
+    """The batch's runs once locked (new ones built in memory, inserted at the end), and
+    the INVALID answers decided while locking."""
 
     locked: dict[RunKey, FlowRun | TaskRun]
+    new: set[RunKey]
     refused: dict[int, Processed]
     held_elsewhere: set[RunKey]
+    processed: dict[uuid.UUID, ProcessedProposal]
 
 
 def _refusal(proposal: Proposal, code: ErrorCode, message: str) -> Processed:
@@ -75,58 +75,57 @@ def _parent_of(proposal: Proposal) -> uuid.UUID | None:
     return None
 
 
-async def _lock_and_create(db: PgStore, proposals: list[Proposal]) -> _Runs:
-    """Lock the batch's runs, creating the new ones, as one proposal at a time would.
+async def _lock_and_create(
+    db: PgStore, proposals: list[Proposal], aborts: dict[int, str]
+) -> _Runs:
+    """Lock and read the batch's runs, and build the new ones, as one proposal at a time
+    would.
 
     A batch of several skips the runs other transactions hold (``held_elsewhere``): their
     proposals are settled alone afterwards, so a long-held run delays nobody else. A batch
-    of one waits for its run's lock, as it must.
+    of one waits for its run's lock, as it must. New runs are inserted with the batch's
+    other writes; if another transaction created one first, that write fails as retryable.
+    A proposal answered ABORT for its rules' error creates nothing, as its own rolled-back
+    transaction would not have.
     """
     keys: set[RunKey] = {(p.run_kind, p.run_id) for p in proposals}
     skip_locked = len(proposals) > 1
-    locked: set[RunKey] = set()
+    # The first read also finds the replay records and which ids name which kind of run.
+    asked: dict[str, list[uuid.UUID]] = {
+        "proposal_ids": sorted({p.proposal_id for p in proposals}),
+        "known_ids": sorted(
+            {run_id for _, run_id in keys}
+            | {parent for p in proposals if (parent := _parent_of(p)) is not None}
+        ),
+    }
+    runs: dict[RunKey, FlowRun | TaskRun] = {}
+    processed: dict[uuid.UUID, ProcessedProposal] = {}
+    kinds: dict[uuid.UUID, RunKind] = {}
     for kind in _KINDS:
         ids = sorted(run_id for k, run_id in keys if k == kind)
-        if ids:
-            found = await db.lock_runs(kind, ids, skip_locked=skip_locked)
-            locked.update((kind, run_id) for run_id in found)
+        if not ids:
+            continue
+        read = await db.read_batch(kind, ids, skip_locked=skip_locked, **asked)
+        asked = {}
+        runs.update(((kind, run_id), run) for run_id, run in read.runs.items())
+        processed.update(read.processed)
+        kinds.update(read.kinds)
     refused: dict[int, Processed] = {}
     creating: dict[RunKey, FlowRun | TaskRun] = {}
-    held: set[RunKey] = set()
-    if keys - locked:
-        asked = {run_id for _, run_id in keys - locked}
-        asked.update(parent for p in proposals if (parent := _parent_of(p)) is not None)
-        kinds = await db.run_kinds_of(sorted(asked))
-        held = {key for key in keys - locked if kinds.get(key[1]) == key[0]}
-        for index, proposal in enumerate(proposals):
-            key: RunKey = (proposal.run_kind, proposal.run_id)
-            if key in locked or key in creating or key in held:
-                continue
-            why = _why_not_created(proposal, kinds, creating)
-            if why is not None:
-                refused[index] = _refusal(proposal, *why)
-                continue
-            new_run = _new_run(proposal)
-            assert new_run is not None
-            creating[key] = new_run
-        for kind in _KINDS:
-            new = sorted((r for (k, _), r in creating.items() if k == kind), key=lambda r: r.id)
-            if not new:
-                continue
-            inserted = await db.insert_runs_if_absent(kind, list(new))
-            raced = sorted(run.id for run in new if run.id not in inserted)
-            if raced:
-                # Another worker created them first; we waited for its commit: lock them.
-                await db.lock_runs(kind, raced)
-        locked.update(creating)
-    runs: dict[RunKey, FlowRun | TaskRun] = {}
-    for kind in _KINDS:
-        ids = sorted(run_id for k, run_id in locked if k == kind)
-        if ids:
-            runs.update(
-                ((kind, run_id), run) for run_id, run in (await db.read_runs(kind, ids)).items()
-            )
-    return _Runs(runs, refused, held)
+    held = {key for key in keys - runs.keys() if kinds.get(key[1]) == key[0]}
+    for index, proposal in enumerate(proposals):
+        key: RunKey = (proposal.run_kind, proposal.run_id)
+        if key in runs or key in creating or key in held or index in aborts:
+            continue
+        why = _why_not_created(proposal, kinds, creating)
+        if why is not None:
+            refused[index] = _refusal(proposal, *why)
+            continue
+        new_run = _new_run(proposal)
+        assert new_run is not None
+        creating[key] = new_run
+    runs.update(creating)
+    return _Runs(runs, set(creating), refused, held, processed)
 
 
 def _why_not_created(
@@ -175,13 +174,13 @@ async def process_batch(
     """
     aborts = aborts or {}
     proposals = [decoded.proposal for decoded in batch]
-    runs = await _lock_and_create(db, proposals)
-    known = await db.find_processed_many(sorted({p.proposal_id for p in proposals}))
-    store = BatchStore(db, runs.locked)
+    runs = await _lock_and_create(db, proposals, aborts)
+    store = BatchStore(db, runs.locked, runs.new)
     await _prepare(store, db)
 
     settled: dict[uuid.UUID, tuple[str, Processed]] = {
-        proposal_id: (record.body_sha256, replay(record)) for proposal_id, record in known.items()
+        proposal_id: (record.body_sha256, replay(record))
+        for proposal_id, record in runs.processed.items()
     }
     results: list[Processed | None] = []
     for index, decoded in enumerate(batch):
@@ -203,15 +202,12 @@ async def process_batch(
             continue
         processed = await _decide(store, orchestrator, index, proposal, aborts.get(index))
         store.record(
-            {
-                "p_proposal_id": proposal.proposal_id,
-                "p_body_sha256": decoded.body_sha256,
-                "p_run_kind": proposal.run_kind,
-                "p_run_id": proposal.run_id,
-                "p_status": processed.outcome.status.value,
-                "p_outcome": processed.outcome.model_dump_json(),
-                "p_outbox": _OUTBOX.dump_json(processed.outbox).decode(),
-            }
+            proposal.proposal_id,
+            decoded.body_sha256,
+            (proposal.run_kind, proposal.run_id),
+            processed.outcome.status.value,
+            processed.outcome.model_dump_json(),
+            OUTBOX.dump_json(processed.outbox).decode(),
         )
         settled[proposal.proposal_id] = (decoded.body_sha256, processed)
         results.append(processed)
@@ -232,7 +228,9 @@ async def _prepare(store: BatchStore, db: PgStore) -> None:
         for run_id in parents:
             store.remember("flow_run", found.get(run_id), run_id)
     tags = sorted({tag for run in task_runs for tag in run.tags})
-    if tags:
+    if tags and len(task_runs) > 1:
+        # All at once, in tag order, so batches never wait for each other's limits in
+        # opposite orders; a single task run's rules lock its tags themselves, in order.
         await store.lock_tag_limits(tags)
 
 
@@ -243,9 +241,10 @@ async def _decide(
     proposal: Proposal,
     abort_reason: str | None,
 ) -> Processed:
-    run = store.runs[(proposal.run_kind, proposal.run_id)]
+    run = store.runs.get((proposal.run_kind, proposal.run_id))
     if abort_reason is not None:
         return Processed(outcome=abort_outcome(proposal, run, abort_reason))
+    assert run is not None
     state = proposal.state.to_state(orchestrator.clock())
     context: OrchestrationContext  # type: ignore[type-arg]
     try:

@@ -1,6 +1,6 @@
-"""PgStore's processed proposals against a real PostgreSQL: a record is found with its outcome
-and outbox, together with the locked run in one call; a duplicate id is retryable, and purging
-removes only older records."""
+"""PgStore's processed proposals against a real PostgreSQL: a record written with a batch is
+found with its outcome and outbox, alone or with the batch's locked runs in one read; a
+duplicate id is retryable, and purging removes only older records."""
 
 from __future__ import annotations
 
@@ -13,16 +13,35 @@ import pytest
 from rules.errors import StoreError
 from schemas import FlowRun
 from schemas.states import utcnow
+from worker.db.batch_store import BatchStore
 from worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 
 
+async def record(
+    store: PgStore,
+    proposal_id: uuid.UUID,
+    outcome: object,
+    outbox: list[object] | None = None,
+    sha: str = "ab",
+) -> None:
+    """Record a proposal as a batch does: with the batch's other writes, in one statement."""
+    batch = BatchStore(store, {})
+    batch.record(
+        proposal_id,
+        sha * 32,
+        ("task_run", uuid.uuid4()),
+        "ACCEPT",
+        json.dumps(outcome),
+        json.dumps(outbox or []),
+    )
+    await batch.flush()
+
+
 class TestProcessedProposals:
     async def record(self, store: PgStore, proposal_id: uuid.UUID, outcome: object) -> None:
-        await store.record_processed(
-            proposal_id, "ab" * 32, "task_run", uuid.uuid4(), "ACCEPT", json.dumps(outcome)
-        )
+        await record(store, proposal_id, outcome)
 
     async def test_record_then_find(self, pg_store: PgStore) -> None:
         """A recorded proposal is found with its digest, status and outcome JSON."""
@@ -37,44 +56,36 @@ class TestProcessedProposals:
         assert found.outbox_json == "[]"
         assert await pg_store.find_processed(uuid.uuid4()) is None
 
-    async def test_lock_run_and_find_processed_reads_both_in_one_call(
+    async def test_a_batch_read_finds_its_locked_runs_and_replay_records_together(
         self, pg_store: PgStore
     ) -> None:
-        """The run (locked) and the proposal's record come back together; either may be
-        missing, and a record for another proposal id is not this one's."""
+        """One read returns the runs (locked), the records of the proposal ids asked about
+        (not others'), and the kind of each known id; a missing run is simply absent."""
         run = FlowRun(id=uuid.uuid4(), name="r")
         await pg_store.create_run("flow_run", run)
-        proposal_id, other_id = uuid.uuid4(), uuid.uuid4()
-        assert await pg_store.lock_run_and_find_processed(
-            "flow_run", uuid.uuid4(), proposal_id
-        ) == (None, None)
-        found_run, known = await pg_store.lock_run_and_find_processed(
-            "flow_run", run.id, proposal_id
-        )
-        assert found_run is not None
-        assert found_run.name == "r"
-        assert known is None
-
+        proposal_id, other_id, missing = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
         await self.record(pg_store, other_id, {"status": "WAIT"})
         await self.record(pg_store, proposal_id, {"status": "ACCEPT"})
-        found_run, known = await pg_store.lock_run_and_find_processed(
-            "flow_run", run.id, proposal_id
+        read = await pg_store.read_batch(
+            "flow_run",
+            [run.id, missing],
+            proposal_ids=[proposal_id, uuid.uuid4()],
+            known_ids=[run.id, missing],
         )
-        assert found_run is not None
-        assert found_run.id == run.id
-        assert known is not None
-        assert json.loads(known.outcome_json) == {"status": "ACCEPT"}
-        assert known == await pg_store.find_processed(proposal_id)
-        wrong_kind = await pg_store.lock_run_and_find_processed("task_run", run.id, proposal_id)
-        assert wrong_kind == (None, None)
+        assert list(read.runs) == [run.id]
+        assert read.runs[run.id].name == "r"
+        assert list(read.processed) == [proposal_id]
+        assert json.loads(read.processed[proposal_id].outcome_json) == {"status": "ACCEPT"}
+        assert read.processed[proposal_id] == await pg_store.find_processed(proposal_id)
+        assert read.kinds == {run.id: "flow_run"}
+        wrong_kind = await pg_store.read_batch("task_run", [run.id])
+        assert wrong_kind.runs == {}
 
     async def test_the_outbox_is_recorded_with_the_outcome(self, pg_store: PgStore) -> None:
         """What the transaction wanted published comes back, so a replay can publish it."""
         proposal_id = uuid.uuid4()
         outbox = [{"channel": "event", "routing_key": "k", "message_id": "m", "body": {"x": [1]}}]
-        await pg_store.record_processed(
-            proposal_id, "cd" * 32, "flow_run", uuid.uuid4(), "ACCEPT", "{}", json.dumps(outbox)
-        )
+        await record(pg_store, proposal_id, {}, outbox, sha="cd")
         found = await pg_store.find_processed(proposal_id)
         assert found is not None
         assert json.loads(found.outbox_json) == outbox

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -21,7 +20,7 @@ from tests.integration.test_worker_roundtrip import (
     proposal_body,
     publish_raw,
 )
-from worker.db.store import PgStore
+from worker.db.store import BatchRows, PgStore
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -34,22 +33,19 @@ FAILING_SQL = {
 
 
 def refuse_run_named(monkeypatch: pytest.MonkeyPatch, name: str, sql: str) -> Callable[[], int]:
-    """Make recording a batch holding a proposal whose run is called ``name`` send ``sql``
-    first, as if the database refused something in that proposal; returns how many
-    transactions held it."""
+    """Make writing a batch holding a new flow run called ``name`` send ``sql`` first, as if
+    the database refused something in that proposal; returns how many transactions held it."""
     calls = 0
-    real: Callable[..., Awaitable[int]] = PgStore.record_many
+    real: Callable[..., Awaitable[None]] = PgStore.write_batch
 
-    async def record_many(self: PgStore, records: list[dict[str, Any]]) -> int:
+    async def write_batch(self: PgStore, rows: BatchRows) -> None:
         nonlocal calls
-        for record in records:
-            run = await self.read_flow_run(record["p_run_id"])
-            if run is not None and run.name == name:
-                calls += 1
-                await self._execute(text(sql))
-        return await real(self, records)
+        if any(json.loads(run)["name"] == name for run in rows.json["flow_run_new"]):
+            calls += 1
+            await self._execute(text(sql))
+        await real(self, rows)
 
-    monkeypatch.setattr(PgStore, "record_many", record_many)
+    monkeypatch.setattr(PgStore, "write_batch", write_batch)
     return lambda: calls
 
 

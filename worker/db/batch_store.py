@@ -3,7 +3,7 @@
 A batch locks every run it touches up front (``worker.batch``), so the rules run in
 memory against this overlay: runs, new states, cache entries and tag limits written by
 one proposal are seen by the next, and nothing is sent to PostgreSQL until ``flush``
-writes it all with one set-based statement per table. Reads the overlay cannot answer
+writes it all in one statement (new runs included). Reads the overlay cannot answer
 (a parent flow run, a cache entry written by another transaction, a flow state's
 timestamp) go to the wrapped ``PgStore`` in the same transaction.
 """
@@ -15,13 +15,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import pydantic_core
+
 from rules.errors import StoreError
 from rules.store import TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 from worker.db import statements as sql
 from worker.db.storable import unstorable
-from worker.db.store import PgStore, _run_values, _state_values
+from worker.db.store import BatchRows, PgStore, _run_values, _state_values
 
 __all__ = ["BatchStore", "RunKey"]
 
@@ -46,7 +48,15 @@ class _Pending:
     runs: dict[RunKey, FlowRun | TaskRun] = field(default_factory=dict)
     cache: list[_CacheEntry] = field(default_factory=list)
     limits: dict[str, TagLimit] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[str] = field(default_factory=list)  # JSON objects, ready to send
+
+
+def _row(values: dict[str, Any]) -> str:
+    """One row as the JSON object ``jsonb_populate_recordset`` reads (an interval as text)."""
+    duration = values.get("total_run_time")
+    if isinstance(duration, dt.timedelta):
+        values = {**values, "total_run_time": f"{duration.total_seconds()} seconds"}
+    return pydantic_core.to_json(values).decode()
 
 
 class BatchStore:
@@ -56,9 +66,15 @@ class BatchStore:
     them to the orchestrator itself (no copy), and ``save_run`` puts the new version back.
     """
 
-    def __init__(self, db: PgStore, runs: dict[RunKey, FlowRun | TaskRun]) -> None:
+    def __init__(
+        self,
+        db: PgStore,
+        runs: dict[RunKey, FlowRun | TaskRun],
+        new: set[RunKey] | None = None,
+    ) -> None:
         self.db = db
         self.runs = runs
+        self.new = new or set()  # runs of ``runs`` to insert at ``flush``, not update
         self._reads: dict[RunKey, FlowRun | TaskRun | None] = {}
         self._states: dict[uuid.UUID, dict[str, Any]] = {}  # column values, by state id
         self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
@@ -172,48 +188,59 @@ class BatchStore:
 
     # -- writing it all ------------------------------------------------------------------------
 
-    def record(self, values: dict[str, Any]) -> None:
-        """A processed proposal's record (``RECORD_PROCESSED``'s parameters)."""
-        self.pending.records.append(values)
+    def record(
+        self,
+        proposal_id: uuid.UUID,
+        body_sha256: str,
+        run_key: RunKey,
+        status: str,
+        outcome_json: str,
+        outbox_json: str,
+    ) -> None:
+        """A processed proposal's record; its outcome and outbox are JSON already."""
+        kind, run_id = run_key
+        self.pending.records.append(
+            f'{{"proposal_id":"{proposal_id}","body_sha256":"{body_sha256}",'
+            f'"run_kind":"{kind}","run_id":"{run_id}","status":"{status}",'
+            f'"outcome":{outcome_json},"outbox":{outbox_json}}}'
+        )
 
     async def flush(self) -> None:
-        """Every pending write, one statement per table; the caller commits."""
+        """Every pending write, in one statement; the caller commits."""
         pending = self.pending
+        rows = BatchRows()
         for kind in _KINDS:
-            if pending.states[kind]:
-                await self.db.execute_many(sql.BY_KIND[kind]["insert_state"], pending.states[kind])
-        for kind in _KINDS:
-            updates = []
-            for (run_kind, run_id), run in pending.runs.items():
-                if run_kind != kind:
-                    continue
-                values = _run_values(sql.KINDS[kind], run)
-                del values["id"]
-                updates.append({**values, "run_key": run_id})
-            if updates:
-                await self.db.execute_many(sql.BY_KIND[kind]["update"], updates)
-        if pending.cache:
-            entries = [
+            new = [
+                _row(_run_values(sql.KINDS[kind], run))
+                for key, run in self.runs.items()
+                if key[0] == kind and key in self.new
+            ]
+            saved = [
+                _row(_run_values(sql.KINDS[kind], run))
+                for key, run in pending.runs.items()
+                if key[0] == kind and key not in self.new
+            ]
+            rows.json[f"{kind}_new"] = new
+            rows.json[f"{kind}_saved"] = saved
+            rows.json[f"{kind}_states"] = [_row(values) for values in pending.states[kind]]
+            rows.expected[f"{kind}_new"] = len(new)
+            rows.expected[f"{kind}_saved"] = len(saved)
+        rows.json["cache"] = [
+            _row(
                 {
                     "cache_key": e.cache_key,
                     "cache_expiration": e.expiration,
                     "task_run_state_id": e.state_id,
                 }
-                for e in pending.cache
-            ]
-            await self.db.execute_many(sql.INSERT_CACHE_ENTRY, entries)
-        if pending.limits:
-            limits = [
-                {"limit_tag": limit.tag, "active_slots": list(limit.active_slots)}
-                for limit in pending.limits.values()
-            ]
-            await self.db.execute_many(sql.SAVE_TAG_LIMIT, limits)
-        if pending.records:
-            recorded = await self.db.record_many(pending.records)
-            if recorded < len(pending.records):
-                # One id used for two runs was recorded by another transaction meanwhile:
-                # the retry (of the culprit alone) answers its replay or conflict.
-                raise StoreError(
-                    "a proposal in the batch was recorded concurrently", retryable=True
-                )
+            )
+            for e in pending.cache
+        ]
+        rows.json["limits"] = [
+            _row({"tag": limit.tag, "active_slots": list(limit.active_slots)})
+            for limit in pending.limits.values()
+        ]
+        rows.json["records"] = pending.records
+        rows.expected["recorded"] = len(pending.records)
+        await self.db.write_batch(rows)
         self.pending = _Pending()
+        self.new = set()

@@ -71,12 +71,6 @@ _PROCESSED_COLUMNS = [
 ]
 
 
-def _with_processed(select: sa.Select[Any]) -> sa.Select[Any]:
-    """``select`` plus the proposal's processed record, if any (LEFT JOIN on its id): the
-    replay check rides on the run's read instead of costing a round trip of its own."""
-    return select.add_columns(*_PROCESSED_COLUMNS).outerjoin(_P, _P.c.proposal_id == _PROPOSAL_ID)
-
-
 def _statements(kind: RunTables) -> dict[str, Any]:
     run = kind.run
     read = _run_select(kind).where(run.c.id == _RUN_ID)
@@ -89,8 +83,6 @@ def _statements(kind: RunTables) -> dict[str, Any]:
     return {
         "read": read,
         "locked_read": locked_read,
-        "read+processed": _with_processed(read),
-        "locked_read+processed": _with_processed(locked_read),
         "lock": sa.select(run.c.id).where(run.c.id == _RUN_ID).with_for_update(),
         "insert_if_absent": pg_insert(run).on_conflict_do_nothing(index_elements=[run.c.id]),
         "update": sa.update(run).where(run.c.id == sa.bindparam("run_key", type_=sa.Uuid)),
@@ -126,38 +118,6 @@ RECORD_PROCESSED = (
     .on_conflict_do_nothing(index_elements=[_P.c.proposal_id])
 )
 
-
-def _binds(table: sa.Table, prefix: str, columns: list[str]) -> dict[str, Any]:
-    return {name: sa.bindparam(prefix + name, type_=table.c[name].type) for name in columns}
-
-
-RUNS_SAVED = "runs_saved"
-
-
-def _combined_writes(kind: RunTables) -> dict[str, Any]:
-    """A transition's writes as one statement each way they can meet (data-modifying CTEs):
-    the state insert and the run update, with or without recording the proposal. One round
-    trip instead of up to three."""
-    state_columns = [c.name for c in kind.state.columns if c.name not in ("created", "seq")]
-    run_columns = [*(name for name in kind.fields if name != "id"), "state_id"]
-    new_state = sa.insert(kind.state).values(_binds(kind.state, "s_", state_columns))
-    saved_run = (
-        sa.update(kind.run)
-        .where(kind.run.c.id == sa.bindparam("r_key", type_=sa.Uuid))
-        .values(_binds(kind.run, "r_", run_columns))
-    )
-    run_cte = saved_run.returning(kind.run.c.id).cte("saved_run")
-    # The record returns how many runs were updated (no row at all: the id was a duplicate).
-    runs_saved = sa.select(sa.func.count()).select_from(run_cte).scalar_subquery()
-    record = RECORD_PROCESSED.returning(runs_saved.label(RUNS_SAVED))
-    return {
-        "state+run": saved_run.add_cte(new_state.cte("new_state")),
-        "run+record": record.add_cte(run_cte),
-        "state+run+record": record.add_cte(new_state.cte("new_state"), run_cte),
-    }
-
-
-COMBINED = {kind: _combined_writes(k) for kind, k in KINDS.items()}
 
 _S, _CACHE, _LIMITS = tables.task_run_state, tables.task_run_state_cache, tables.concurrency_limit
 _NOW_PARAM = sa.bindparam("now", type_=sa.DateTime(timezone=True))
@@ -200,36 +160,120 @@ _IDS = sa.bindparam("ids", type_=ARRAY(sa.Uuid))
 
 def _batch_statements(kind: RunTables) -> dict[str, Any]:
     run = kind.run
+
     return {
-        # Locked in id order, waiting for each (a batch of one), or skipping the runs other
-        # transactions hold (a larger batch leaves those proposals to be settled alone).
-        "lock_many": sa.select(run.c.id)
-        .where(run.c.id == sa.any_(_IDS))
-        .order_by(run.c.id)
-        .with_for_update(),
-        "lock_many_skip_locked": sa.select(run.c.id)
-        .where(run.c.id == sa.any_(_IDS))
-        .order_by(run.c.id)
-        .with_for_update(skip_locked=True),
-        # A statement after the locks: its snapshot sees what the lock waits let commit.
         "read_many": _run_select(kind).where(run.c.id == sa.any_(_IDS)),
-        "insert_many_if_absent": pg_insert(run)
-        .on_conflict_do_nothing(index_elements=[run.c.id])
-        .returning(run.c.id),
     }
 
 
 BATCH_BY_KIND = {kind: _batch_statements(k) for kind, k in KINDS.items()}
-FIND_PROCESSED_MANY = sa.select(
-    _P.c.proposal_id.label(PROCESSED_PREFIX + "proposal_id"), *_PROCESSED_COLUMNS
-).where(_P.c.proposal_id == sa.any_(_IDS))
-RUN_KINDS_OF_MANY = (
-    sa.select(tables.flow_run.c.id, sa.literal("flow_run").label("kind"))
-    .where(tables.flow_run.c.id == sa.any_(_IDS))
-    .union_all(
-        sa.select(tables.task_run.c.id, sa.literal("task_run").label("kind")).where(
-            tables.task_run.c.id == sa.any_(_IDS)
-        )
+
+
+def _columns(table: sa.Table, *skipped: str) -> list[str]:
+    return [c.name for c in table.columns if c.name not in ("created", "seq", *skipped)]
+
+
+def _json(name: str) -> str:
+    # JSON text in, parsed by the server: the driver's own JSON codec is not involved.
+    return f"CAST(CAST(:{name} AS text) AS jsonb)"
+
+
+def _write_batch() -> sa.TextClause:
+    """Everything a batch writes, in one statement: each table's rows arrive as one JSON
+    array (``jsonb_populate_recordset`` types them by the table's columns), each written by
+    one data-modifying CTE. New runs are inserted with their final values (an UPDATE could
+    not see a row inserted by the same statement); a run another transaction created first
+    is not inserted, and the counts returned tell the caller so."""
+    parts = []
+    for kind, k in KINDS.items():
+        run, state = k.run.name, k.state.name
+        run_cols = ", ".join(_columns(k.run))
+        state_cols = ", ".join(_columns(k.state))
+        updated = [c for c in _columns(k.run) if c != "id"]
+        sets = ", ".join(f"{c} = r.{c}" for c in updated)
+        parts += [
+            f"{kind}_new AS (INSERT INTO {run} ({run_cols}) SELECT {run_cols}"
+            f" FROM jsonb_populate_recordset(NULL::{run}, {_json(kind + '_new')})"
+            f" ON CONFLICT (id) DO NOTHING RETURNING id)",
+            f"{kind}_saved AS (UPDATE {run} AS t SET {sets}"
+            f" FROM jsonb_populate_recordset(NULL::{run}, {_json(kind + '_saved')}) AS r"
+            f" WHERE t.id = r.id RETURNING t.id)",
+            f"{kind}_states AS (INSERT INTO {state} ({state_cols}) SELECT {state_cols}"
+            f" FROM jsonb_populate_recordset(NULL::{state}, {_json(kind + '_states')}))",
+        ]
+    cache = tables.task_run_state_cache.name
+    cache_cols = ", ".join(_columns(tables.task_run_state_cache, "id"))
+    limits = tables.concurrency_limit.name
+    processed = _P.name
+    processed_cols = ", ".join(_columns(_P, "processed_at"))
+    parts += [
+        f"cache AS (INSERT INTO {cache} ({cache_cols}) SELECT {cache_cols}"
+        f" FROM jsonb_populate_recordset(NULL::{cache}, {_json('cache')}))",
+        f"limits AS (UPDATE {limits} AS t SET active_slots = r.active_slots, updated = now()"
+        f" FROM jsonb_populate_recordset(NULL::{limits}, {_json('limits')}) AS r"
+        " WHERE t.tag = r.tag)",
+        f"recorded AS (INSERT INTO {processed} ({processed_cols}) SELECT {processed_cols}"
+        f" FROM jsonb_populate_recordset(NULL::{processed}, {_json('records')})"
+        f" ON CONFLICT (proposal_id) DO NOTHING RETURNING proposal_id)",
+    ]
+    counts = ", ".join(
+        f"(SELECT count(*) FROM {name}) AS {name}"
+        for name in ("flow_run_new", "flow_run_saved", "task_run_new", "task_run_saved", "recorded")
     )
+    statement = sa.text("WITH " + ",\n".join(parts) + f"\nSELECT {counts}")
+    return statement.bindparams(*(sa.bindparam(name, type_=sa.Text) for name in WRITE_BATCH_PARTS))
+
+
+# The JSON arrays ``WRITE_BATCH`` takes, by bind parameter name.
+WRITE_BATCH_PARTS = (
+    *(f"{kind}_{part}" for kind in KINDS for part in ("new", "saved", "states")),
+    "cache",
+    "limits",
+    "records",
 )
-RECORD_PROCESSED_MANY = RECORD_PROCESSED.returning(_P.c.proposal_id)
+WRITE_BATCH = _write_batch()
+
+
+def _read_batch(kind: RunTables, *, skip_locked: bool) -> sa.TextClause:
+    """A batch's reads in one round trip, as three JSON arrays: its runs of this kind,
+    locked in id order (so batches over overlapping runs never deadlock) with their
+    current states; the replay records of its proposal ids; and which of the ids it asks
+    about are flow runs or task runs (for runs to create, held elsewhere, or parents).
+
+    ``total_run_time`` comes as seconds (an interval's text is not ISO 8601).
+    """
+    run, state = kind.run.name, kind.state.name
+    run_cols = [
+        f"EXTRACT(EPOCH FROM r.{c}) AS {c}" if c == "total_run_time" else f"r.{c}"
+        for c in kind.fields
+    ]
+    state_cols = [f"s.{c} AS {STATE_PREFIX}{c}" for c in STATE_FIELDS]
+    lock = "FOR UPDATE OF r SKIP LOCKED" if skip_locked else "FOR UPDATE OF r"
+    flow, task = tables.flow_run.name, tables.task_run.name
+    text = f"""WITH locked AS (
+  SELECT {", ".join(run_cols)}, r.state_id AS {CURRENT_STATE_ID}, {", ".join(state_cols)}
+  FROM {run} r LEFT JOIN {state} s ON s.id = r.state_id
+  WHERE r.id = ANY(CAST(:ids AS uuid[])) ORDER BY r.id {lock})
+SELECT
+  (SELECT coalesce(json_agg(locked), '[]') FROM locked) AS runs,
+  (SELECT coalesce(json_agg(p), '[]') FROM (
+     SELECT proposal_id, body_sha256, status, outcome::text AS outcome_json,
+            outbox::text AS outbox_json
+     FROM {_P.name} WHERE proposal_id = ANY(CAST(:proposal_ids AS uuid[]))) p) AS processed,
+  (SELECT coalesce(json_agg(k), '[]') FROM (
+     SELECT id, 'flow_run' AS kind FROM {flow} WHERE id = ANY(CAST(:known_ids AS uuid[]))
+     UNION ALL
+     SELECT id, 'task_run' AS kind FROM {task} WHERE id = ANY(CAST(:known_ids AS uuid[]))
+   ) k) AS kinds"""
+    return sa.text(text).bindparams(
+        sa.bindparam("ids", type_=ARRAY(sa.Uuid)),
+        sa.bindparam("proposal_ids", type_=ARRAY(sa.Uuid)),
+        sa.bindparam("known_ids", type_=ARRAY(sa.Uuid)),
+    )
+
+
+READ_BATCH = {
+    (kind, skip_locked): _read_batch(k, skip_locked=skip_locked)
+    for kind, k in KINDS.items()
+    for skip_locked in (False, True)
+}

@@ -1,11 +1,13 @@
 """PgStore: the rules' ``AdminStore`` on one PostgreSQL transaction, plus the worker's extras.
 
-The caller owns the transaction (``async with engine.begin() as conn``). The
-worker's hot path is two round trips plus what the rules read: one statement
-locks the run and reads it with its state and the proposal's replay record;
-one writes the new state, the run and the record (``deferred_writes``).
-Statements are built once, in ``worker.db.statements``. Objects returned are built
-from rows, never shared with a cache, exactly like ``rules.memory.InMemoryStore``
+The caller owns the transaction (``async with engine.begin() as conn``). The worker's
+hot path reads and writes through it in bulk: a batch locks, reads and creates its
+runs and reads its replay records with a statement per table (``lock_runs``,
+``read_runs``, ``insert_runs_if_absent``, ``find_processed_many``), and its
+``BatchStore`` overlay writes everything at the end (``execute_many``, ``record_many``).
+The single-row methods serve the rules' reads the overlay cannot answer, the CLI and
+tests. Statements are built once, in ``worker.db.statements``. Objects returned are
+built from rows, never shared with a cache, exactly like ``rules.memory.InMemoryStore``
 returns copies.
 
 Every statement goes through ``PgStore._execute``, the one place where database
@@ -15,12 +17,11 @@ above this module knows about SQLAlchemy or asyncpg.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -37,7 +38,14 @@ from worker.db import tables
 from worker.db.errors import is_transient, translate_db_error
 from worker.db.storable import unstorable
 
-__all__ = ["PgStore", "ProcessedProposal", "is_transient", "translate_db_error"]
+__all__ = [
+    "BatchRead",
+    "BatchRows",
+    "PgStore",
+    "ProcessedProposal",
+    "is_transient",
+    "translate_db_error",
+]
 
 
 # --- rows <-> models --------------------------------------------------------------------------
@@ -54,11 +62,11 @@ class ProcessedProposal:
     outbox_json: str = "[]"
 
 
-def _state_from(row: RowMapping, prefix: str = "") -> State:
+def _state_from(row: Mapping[Any, Any], prefix: str = "") -> State:
     return State.model_validate({name: row[prefix + name] for name in sql.STATE_FIELDS})
 
 
-def _run_from(kind: sql.RunTables, row: RowMapping) -> FlowRun | TaskRun:
+def _run_from(kind: sql.RunTables, row: Mapping[Any, Any]) -> FlowRun | TaskRun:
     values = {name: row[name] for name in kind.fields}
     if row[sql.STATE_PREFIX + "id"] is not None:
         values["state"] = _state_from(row, sql.STATE_PREFIX)
@@ -104,16 +112,25 @@ def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[
 # --- the store --------------------------------------------------------------------------------
 
 
-class _Write(NamedTuple):
-    """A deferred state insert or run update: its run and its column values."""
+@dataclass
+class BatchRead:
+    """What ``PgStore.read_batch`` found: runs by id, replay records by proposal id, and
+    the kind of each known run id."""
 
-    kind: RunKind
-    run_id: uuid.UUID
-    values: dict[str, Any]
+    runs: dict[uuid.UUID, FlowRun | TaskRun] = field(default_factory=dict)
+    processed: dict[uuid.UUID, ProcessedProposal] = field(default_factory=dict)
+    kinds: dict[uuid.UUID, RunKind] = field(default_factory=dict)
 
-    def of(self, other: _Write) -> bool:
-        """Whether both writes are for the same run (so one statement can carry both)."""
-        return (self.kind, self.run_id) == (other.kind, other.run_id)
+
+@dataclass
+class BatchRows:
+    """A batch's writes as JSON objects (one text per row) for ``PgStore.write_batch``,
+    and the rows each counted part must have written."""
+
+    json: dict[str, list[str]] = field(
+        default_factory=lambda: {name: [] for name in sql.WRITE_BATCH_PARTS}
+    )
+    expected: dict[str, int] = field(default_factory=dict)
 
 
 class PgStore:
@@ -125,37 +142,8 @@ class PgStore:
     def __init__(self, connection: AsyncConnection) -> None:
         self._conn = connection
         self.statements = 0  # sent so far: the figure benchmarks divide by proposals
-        self._deferring = False
-        self._pending_state: _Write | None = None
-        self._pending_run: _Write | None = None
-
-    @contextlib.asynccontextmanager
-    async def deferred_writes(self) -> AsyncIterator[None]:
-        """Within this block, a transition's state insert and run update wait for the next
-        statement and ride with it: with each other, and with ``record_processed`` when
-        that comes next (the worker's hot path: one round trip for all three).
-
-        Any other statement first sends what is waiting, so reads always see every write;
-        leaving the block sends the rest. On an exception nothing more is sent: the caller's
-        transaction is rolling back.
-        """
-        self._deferring = True
-        try:
-            yield
-            await self._flush()
-        finally:
-            self._deferring = False
-            self._pending_state = self._pending_run = None
 
     async def _execute(
-        self, statement: Executable, params: Mapping[str, Any] | None = None
-    ) -> CursorResult[Any]:
-        """Run one statement, after any deferred writes."""
-        if self._pending_state is not None or self._pending_run is not None:
-            await self._flush()
-        return await self._send(statement, params)
-
-    async def _send(
         self, statement: Executable, params: Mapping[str, Any] | None = None
     ) -> CursorResult[Any]:
         """The single place library exceptions become ``StoreError``."""
@@ -168,28 +156,9 @@ class PgStore:
                 raise
             raise error from exc
 
-    def _take_pending(self) -> tuple[_Write | None, _Write | None]:
-        state, run = self._pending_state, self._pending_run
-        self._pending_state = self._pending_run = None
-        return state, run
-
-    async def _flush(self) -> None:
-        """Send the deferred writes: together when they are one run's, else one by one."""
-        state, run = self._take_pending()
-        if state is not None and run is not None and state.of(run):
-            params = {**_prefixed("s_", state.values), **_prefixed("r_", run.values)}
-            params["r_key"] = run.run_id
-            if (await self._send(sql.COMBINED[run.kind]["state+run"], params)).rowcount == 0:
-                raise StoreError(f"no {run.kind} {run.run_id} to save", retryable=False)
-            return
-        if state is not None:
-            await self._send(sql.BY_KIND[state.kind]["insert_state"], state.values)
-        if run is not None:
-            await self._save_run_now(run.kind, run.run_id, run.values)
-
     async def _save_run_now(self, kind: RunKind, run_id: uuid.UUID, values: dict[str, Any]) -> None:
         params = {**values, "run_key": run_id}
-        if (await self._send(sql.BY_KIND[kind]["update"], params)).rowcount == 0:
+        if (await self._execute(sql.BY_KIND[kind]["update"], params)).rowcount == 0:
             # The in-memory store would insert; here it means the run was never created.
             raise StoreError(f"no {kind} {run_id} to save", retryable=False)
 
@@ -201,25 +170,23 @@ class PgStore:
         k = sql.KINDS[kind]
         params = {"run_id": run_id}
         if lock:
-            row = await self._locked_row(kind, params, suffix="")
+            row = await self._locked_row(kind, params)
         else:
             row = (await self._execute(sql.BY_KIND[kind]["read"], params)).mappings().first()
         return _run_from(k, row) if row is not None else None
 
-    async def _locked_row(
-        self, kind: RunKind, params: dict[str, Any], *, suffix: str
-    ) -> RowMapping | None:
+    async def _locked_row(self, kind: RunKind, params: dict[str, Any]) -> RowMapping | None:
         # One round trip: lock the run row and read it joined with its current state. If the
         # lock had to wait, the run row is re-read at its newest version but the joined state
         # row comes from the statement's older snapshot; the two state ids then differ (or the
         # row is missing), and a second, plain read (a new snapshot, lock held) gets it right.
         chosen = sql.BY_KIND[kind]
-        row = (await self._execute(chosen["locked_read" + suffix], params)).mappings().first()
+        row = (await self._execute(chosen["locked_read"], params)).mappings().first()
         if row is not None and row[sql.CURRENT_STATE_ID] == row[sql.STATE_PREFIX + "id"]:
             return row
         if row is None and (await self._execute(chosen["lock"], params)).first() is None:
             return None
-        return (await self._execute(chosen["read" + suffix], params)).mappings().first()
+        return (await self._execute(chosen["read"], params)).mappings().first()
 
     async def lock_run(self, kind: RunKind, run_id: uuid.UUID) -> FlowRun | TaskRun | None:
         """The run with its current state, locked until the transaction ends (one round trip
@@ -228,21 +195,6 @@ class PgStore:
         The lock serializes every proposal for this run across all workers.
         """
         return await self._read_run(kind, run_id, lock=True)
-
-    async def lock_run_and_find_processed(
-        self, kind: RunKind, run_id: uuid.UUID, proposal_id: uuid.UUID
-    ) -> tuple[FlowRun | TaskRun | None, ProcessedProposal | None]:
-        """``lock_run`` and ``find_processed`` in one round trip (the worker's first step).
-
-        A record committed by a transaction this one waited for may be missed (it is not in
-        the statement's snapshot); recording the proposal then fails as a retryable
-        duplicate, and the retry answers the replay.
-        """
-        params = {"run_id": run_id, "proposal_id": proposal_id}
-        row = await self._locked_row(kind, params, suffix="+processed")
-        if row is None:
-            return None, None
-        return _run_from(sql.KINDS[kind], row), _processed_from(row)
 
     async def read_flow_run(self, run_id: uuid.UUID) -> FlowRun | None:
         run = await self._read_run("flow_run", run_id, lock=False)
@@ -294,12 +246,7 @@ class PgStore:
         """Write every column of the run, the current state's id included (one UPDATE)."""
         values = _run_values(sql.KINDS[kind], run)
         del values["id"]
-        if not self._deferring:
-            await self._save_run_now(kind, run.id, values)
-            return
-        if self._pending_run is not None:
-            await self._flush()
-        self._pending_run = _Write(kind, run.id, values)
+        await self._save_run_now(kind, run.id, values)
 
     # -- states --------------------------------------------------------------------------------
 
@@ -317,12 +264,7 @@ class PgStore:
         )
         if refused is not None:
             raise StoreError(f"a state cannot be stored: {refused}", retryable=False)
-        if not self._deferring:
-            await self._execute(sql.BY_KIND[kind]["insert_state"], values)
-            return
-        if self._pending_state is not None or self._pending_run is not None:
-            await self._flush()
-        self._pending_state = _Write(kind, run.id, values)
+        await self._execute(sql.BY_KIND[kind]["insert_state"], values)
 
     async def read_history(self, kind: RunKind, run_id: uuid.UUID) -> list[State]:
         """Every state of the run, in insertion order (oldest first)."""
@@ -400,124 +342,86 @@ class PgStore:
         row = (await self._execute(sql.FIND_PROCESSED, params)).mappings().first()
         return _processed_from(row) if row is not None else None
 
-    async def record_processed(
-        self,
-        proposal_id: uuid.UUID,
-        body_sha256: str,
-        run_kind: RunKind,
-        run_id: uuid.UUID,
-        status: str,
-        outcome_json: str,
-        outbox_json: str = "[]",
-    ) -> None:
-        """Remember the proposal's outcome and outbox (already JSON: the server parses
-        each once).
-
-        The same id recorded concurrently (one id used for two runs, so the run
-        locks did not serialize them) is a retryable error: the retry finds this
-        record and answers a replay or a ``proposal_id_conflict``.
-        """
-        params: dict[str, Any] = {
-            "p_proposal_id": proposal_id,
-            "p_body_sha256": body_sha256,
-            "p_run_kind": run_kind,
-            "p_run_id": run_id,
-            "p_status": status,
-            "p_outcome": outcome_json,
-            "p_outbox": outbox_json,
-        }
-        statement: Executable = sql.RECORD_PROCESSED
-        state, run = self._pending_state, self._pending_run
-        if (
-            run is not None
-            and (run.kind, run.run_id) == (run_kind, run_id)
-            and (state is None or state.of(run))
-        ):
-            # The transition's own writes ride with the record: one round trip for all.
-            self._take_pending()
-            params.update(_prefixed("r_", run.values), r_key=run_id)
-            combined = sql.COMBINED[run_kind]
-            if state is None:
-                statement = combined["run+record"]
-            else:
-                params.update(_prefixed("s_", state.values))
-                statement = combined["state+run+record"]
-        result = await self._execute(statement, params)
-        # A combined statement returns how many runs it saved, and no row when the insert
-        # did nothing; the plain insert only has its row count.
-        runs_saved: int | None
-        if statement is sql.RECORD_PROCESSED:
-            recorded, runs_saved = result.rowcount > 0, 1
-        else:
-            runs_saved = result.scalar()
-            recorded = runs_saved is not None
-        if not recorded:
-            raise StoreError(f"proposal {proposal_id} was recorded concurrently", retryable=True)
-        if runs_saved == 0:
-            raise StoreError(f"no {run_kind} {run_id} to save", retryable=False)
-
     # -- batches -------------------------------------------------------------------------------
 
-    async def execute_many(self, statement: Executable, rows: list[dict[str, Any]]) -> None:
-        """One statement for many rows (SQLAlchemy sends a multi-row INSERT, or pipelines
-        an UPDATE per row in one round trip)."""
-        await self._execute(statement, rows)  # type: ignore[arg-type]
+    async def read_batch(
+        self,
+        kind: RunKind,
+        run_ids: list[uuid.UUID],
+        *,
+        skip_locked: bool = False,
+        proposal_ids: list[uuid.UUID] | None = None,
+        known_ids: list[uuid.UUID] | None = None,
+    ) -> BatchRead:
+        """One round trip (``statements.READ_BATCH``): lock the runs of this kind that exist
+        among ``run_ids``, in id order, and read them with their current states; find the
+        replay records of ``proposal_ids``; tell which of ``known_ids`` are flow or task runs.
+        With ``skip_locked``, runs another transaction holds are left out, not waited for.
 
-    async def lock_runs(
-        self, kind: RunKind, run_ids: list[uuid.UUID], *, skip_locked: bool = False
-    ) -> set[uuid.UUID]:
-        """Lock the runs that exist among ``run_ids``, in id order; their ids. With
-        ``skip_locked``, runs another transaction holds are left out instead of waited for."""
-        chosen = "lock_many_skip_locked" if skip_locked else "lock_many"
-        result = await self._execute(sql.BATCH_BY_KIND[kind][chosen], {"ids": run_ids})
-        return {row[0] for row in result}
+        If a lock had to wait, the run row is read at its newest version but the joined
+        state comes from the statement's older snapshot; those runs (their state ids differ)
+        are read again, lock held, in a new snapshot. A replay record committed by the
+        transaction waited for may be missed the same way; recording the proposal then
+        fails as retryable, and the retry finds it.
+        """
+        params = {
+            "ids": run_ids,
+            "proposal_ids": proposal_ids or [],
+            "known_ids": known_ids or [],
+        }
+        row = (await self._execute(sql.READ_BATCH[(kind, skip_locked)], params)).one()
+        found = BatchRead()
+        k = sql.KINDS[kind]
+        stale = []
+        for values in row.runs:
+            if values[sql.CURRENT_STATE_ID] == values[sql.STATE_PREFIX + "id"]:
+                run = _run_from(k, values)
+                found.runs[run.id] = run
+            else:
+                stale.append(uuid.UUID(values["id"]))
+        if stale:
+            found.runs.update(await self.read_runs(kind, stale))
+        for record in row.processed:
+            found.processed[uuid.UUID(record["proposal_id"])] = ProcessedProposal(
+                body_sha256=record["body_sha256"],
+                status=record["status"],
+                outcome_json=record["outcome_json"],
+                outbox_json=record["outbox_json"],
+            )
+        for known in row.kinds:
+            found.kinds[uuid.UUID(known["id"])] = known["kind"]
+        return found
 
     async def read_runs(
         self, kind: RunKind, run_ids: list[uuid.UUID]
     ) -> dict[uuid.UUID, FlowRun | TaskRun]:
-        """The runs with their current states (no lock: the caller locked them before)."""
+        """The runs with their current states, without a lock."""
         k = sql.KINDS[kind]
         rows = await self._execute(sql.BATCH_BY_KIND[kind]["read_many"], {"ids": run_ids})
         return {row["id"]: _run_from(k, row) for row in rows.mappings()}
 
-    async def insert_runs_if_absent(
-        self, kind: RunKind, runs: list[FlowRun | TaskRun]
-    ) -> set[uuid.UUID]:
-        """Insert new runs (no state yet); the ids this transaction inserted. An id another
-        transaction inserted first waits for it to end and is left out."""
-        values = [_run_values(sql.KINDS[kind], run) for run in runs]
-        result = await self._execute(sql.BATCH_BY_KIND[kind]["insert_many_if_absent"], values)  # type: ignore[arg-type]
-        return {row[0] for row in result}
+    async def write_batch(self, rows: BatchRows) -> None:
+        """Everything a batch writes, in one statement (``statements.WRITE_BATCH``).
 
-    async def run_kinds_of(self, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, RunKind]:
-        rows = await self._execute(sql.RUN_KINDS_OF_MANY, {"ids": run_ids})
-        return {row.id: row.kind for row in rows}
-
-    async def find_processed_many(
-        self, proposal_ids: list[uuid.UUID]
-    ) -> dict[uuid.UUID, ProcessedProposal]:
-        rows = await self._execute(sql.FIND_PROCESSED_MANY, {"ids": proposal_ids})
-        found = {}
-        for row in rows.mappings():
-            record = _processed_from(row)
-            if record is not None:
-                found[row[sql.PROCESSED_PREFIX + "proposal_id"]] = record
-        return found
-
-    async def record_many(self, records: list[dict[str, Any]]) -> int:
-        """Record processed proposals (``RECORD_PROCESSED``'s parameters); how many were new."""
-        result = await self._execute(sql.RECORD_PROCESSED_MANY, records)  # type: ignore[arg-type]
-        return len(result.all())
+        A new run that another transaction created first, a run that vanished, or a
+        proposal id recorded meanwhile (one id used for two runs) fails the whole write as
+        retryable: the caller's decisions assumed otherwise, and the retry sees the truth.
+        """
+        params = {name: "[" + ",".join(items) + "]" for name, items in rows.json.items()}
+        counts = (await self._execute(sql.WRITE_BATCH, params)).one()._mapping
+        for name, expected in rows.expected.items():
+            if counts[name] != expected:
+                raise StoreError(
+                    f"the batch wrote {counts[name]} of {expected} rows in {name}: another"
+                    " transaction changed them first",
+                    retryable=True,
+                )
 
     async def purge_processed(self, older_than: dt.datetime) -> int:
         """Forget proposals processed before ``older_than``; how many were removed."""
         p = tables.processed_proposal
         statement = sa.delete(p).where(p.c.processed_at < older_than)
         return (await self._execute(statement)).rowcount
-
-
-def _prefixed(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
-    return {prefix + name: value for name, value in values.items()}
 
 
 def _tag_limit(row: RowMapping) -> TagLimit:
