@@ -36,7 +36,7 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _worker(settings: Settings) -> int:
-    from worker.consumer import run_worker
+    from worker.service import run_worker
 
     return await run_worker(settings)
 

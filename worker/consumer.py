@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
-import uuid
 from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -29,17 +27,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from rules.engine import Orchestrator
-from schemas import ErrorCode
+from worker.answers import Answers, describe
 from worker.batch import RuleFailed, process_batch
-from worker.db.errors import refused_content
-from worker.db.store import PgStore, ProcessedProposal, is_transient
+from worker.db.store import PgStore, is_transient
 from worker.decode import Decoded, Invalid, decode_proposal
 from worker.metrics import WorkerMetrics
-from worker.outcomes import given_up_outcome, invalid_outcome
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
-from worker.unit_of_work import Processed, purge_cutoff, replay
+from worker.unit_of_work import Processed, purge_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +71,13 @@ class Consumer:
         self._unsettled = 0  # delivered and not yet acked or given back
         self._dispatcher: asyncio.Task[None] | None = None
         self._topology: Topology | None = None
-        self._publisher: Publisher | None = None
+        self._answers: Answers | None = None
         self._consumer_tag: str | None = None
 
     @property
-    def publisher(self) -> Publisher:
-        assert self._publisher is not None, "start() first"
-        return self._publisher
+    def answers(self) -> Answers:
+        assert self._answers is not None, "start() first"
+        return self._answers
 
     @property
     def unsettled(self) -> int:
@@ -91,7 +87,10 @@ class Consumer:
         channel = await self.connection.channel(publisher_confirms=True)
         await channel.set_qos(prefetch_count=self.settings.prefetch)
         self._topology = await declare_topology(channel, self.settings)
-        self._publisher = Publisher(self.settings, self._topology)
+        publisher = Publisher(self.settings, self._topology)
+        self._answers = Answers(
+            self.settings, self.engine, self.metrics, publisher, self._decode, self._settled
+        )
         self._dispatcher = asyncio.create_task(self._dispatch())
         self._consumer_tag = await self._topology.proposals_queue.consume(self._on_delivery)
         log.info(
@@ -184,10 +183,10 @@ class Consumer:
             try:
                 decoded = self._decode(message)
             except Exception as exc:
-                refusals.append(self._guarded(message, self._unexpected(message, exc)))
+                refusals.append(self._guarded(message, self.answers.unexpected(message, exc)))
                 continue
             if isinstance(decoded, Invalid):
-                refusals.append(self._guarded(message, self._refuse(message, decoded)))
+                refusals.append(self._guarded(message, self.answers.refuse(message, decoded)))
             else:
                 valid.append((message, decoded))
         await asyncio.gather(*refusals)
@@ -223,15 +222,15 @@ class Consumer:
         try:
             await settling
         except Exception as exc:
-            await self._unexpected(message, exc)
+            await self.answers.unexpected(message, exc)
 
     async def _conclude(
         self, message: AbstractIncomingMessage, decoded: Decoded, result: Result, started: float
     ) -> None:
         if isinstance(result, Exception):
-            await self._failed(message, decoded, result)
+            await self.answers.failed(message, decoded, result)
         elif result is not None:
-            await self._announce(message, result, started)
+            await self.answers.announce(message, result, started)
 
     async def _process_many(self, batch: list[Decoded]) -> list[Result]:
         """The batch's transaction; held through a database outage; split around failures."""
@@ -246,7 +245,7 @@ class Consumer:
                     continue
                 if len(batch) == 1:
                     return [exc]
-                log.info("a batch of %d failed (%s); splitting it", len(batch), _describe(exc))
+                log.info("a batch of %d failed (%s); splitting it", len(batch), describe(exc))
                 half = len(batch) // 2
                 return [
                     *await self._process_many(batch[:half]),
@@ -316,147 +315,6 @@ class Consumer:
         finally:
             self.metrics.held.dec(held)
 
-    # -- answering one delivery ----------------------------------------------------------------
-
-    async def _announce(
-        self, message: AbstractIncomingMessage, processed: Processed, started: float
-    ) -> None:
-        """Publish a committed (or replayed) outcome and its outbox, then ack."""
-        if processed.invalid is not None:
-            await self._refuse(message, processed.invalid)
-            return
-        try:
-            # The outcome first: an executor waiting on it must not depend on the events
-            # exchange. If the outbox then fails, the redelivery publishes both again.
-            await self.publisher.outcome(message, processed.outcome)
-            await self.publisher.outbox(processed.outbox)
-        except Exception as exc:
-            # Committed but not (fully) announced: the redelivery replays the stored
-            # outcome and outbox, so nothing is lost; consumers dedupe by message id.
-            why = f"proposal {processed.outcome.proposal_id}: publishing failed"
-            await self._requeue(message, why, exc)
-            return
-        await message.ack()
-        self._settled()
-        seconds = time.perf_counter() - started
-        self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s", decision_line(processed, seconds))
-
-    async def _failed(
-        self, message: AbstractIncomingMessage, decoded: Decoded, exc: Exception
-    ) -> None:
-        """A proposal whose transaction failed for good on this delivery, alone.
-
-        Content the database refuses fails the same way every time: it is INVALID now. Any
-        other failure is requeued, and on the last delivery the queue allows it is answered
-        with a final ABORT and dead-lettered, so the executor never waits in silence.
-        """
-        proposal = decoded.proposal
-        refused = refused_content(exc)
-        if refused is not None:
-            invalid = Invalid(
-                ErrorCode.UNSTORABLE,
-                f"PostgreSQL refused the proposal: {refused}",
-                proposal.proposal_id,
-                proposal.run_kind,
-                proposal.run_id,
-            )
-            await self._refuse(message, invalid)
-            return
-        if self._last_delivery(message):
-            await self._give_up(message, decoded, _describe(exc))
-            return
-        await self._requeue(message, f"proposal {proposal.proposal_id}: failed", exc)
-
-    async def _unexpected(self, message: AbstractIncomingMessage, exc: Exception) -> None:
-        """A bug while handling a delivery: requeued, or answered on its last delivery with
-        whatever identity can still be read from it."""
-        if not self._last_delivery(message):
-            await self._requeue(message, f"delivery {message.message_id}: unexpected error", exc)
-            return
-        decoded: Decoded | Invalid
-        try:
-            decoded = self._decode(message)
-        except Exception:
-            decoded = Invalid(ErrorCode.DELIVERY_LIMIT, "", _message_uuid(message.message_id))
-        await self._give_up(message, decoded, _describe(exc))
-
-    def _last_delivery(self, message: AbstractIncomingMessage) -> bool:
-        """Whether the queue dead-letters this delivery if it is given back once more
-        (a quorum queue counts earlier deliveries in ``x-delivery-count``)."""
-        return _delivery_count(message) >= self.settings.delivery_limit
-
-    async def _give_up(
-        self, message: AbstractIncomingMessage, decoded: Decoded | Invalid, last_error: str
-    ) -> None:
-        """Answer a proposal that failed on every allowed delivery, then dead-letter it.
-
-        An earlier delivery may have committed and lost its ack: its stored outcome is
-        replayed instead, never contradicted by an ABORT.
-        """
-        identity = decoded.proposal if isinstance(decoded, Decoded) else decoded
-        if isinstance(decoded, Decoded):
-            known = await self._find_processed(decoded.proposal.proposal_id)
-            if known is not None and known.body_sha256 == decoded.body_sha256:
-                await self._announce(message, replay(known), time.perf_counter())
-                return
-        deliveries = _delivery_count(message) + 1
-        outcome = given_up_outcome(identity, last_error, deliveries)
-        try:
-            await self.publisher.outcome(message, outcome)
-            await self.publisher.dead_letter(message, ErrorCode.DELIVERY_LIMIT.value, last_error)
-        except Exception as exc:
-            # The broker refuses publishes too: it dead-letters the delivery itself.
-            why = f"proposal {identity.proposal_id}: giving up failed"
-            await self._requeue(message, why, exc)
-            return
-        await message.ack()
-        self._settled()
-        self.metrics.dead_lettered.labels(ErrorCode.DELIVERY_LIMIT.value).inc()
-        self.metrics.settled(outcome, replayed=False, seconds=0.0)
-        log.error(
-            "proposal %s: gave up after %d deliveries: %s",
-            identity.proposal_id,
-            deliveries,
-            last_error,
-        )
-
-    async def _find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
-        try:
-            async with self.engine.connect() as conn:
-                return await PgStore(conn).find_processed(proposal_id)
-        except Exception:
-            return None
-
-    async def _requeue(
-        self, message: AbstractIncomingMessage, why: str, exc: BaseException
-    ) -> None:
-        """Give the delivery back to the queue; a nack on a channel that is already gone is
-        moot: the broker requeues it anyway."""
-        log.error("%s, requeued", why, exc_info=exc)
-        self.metrics.requeued.inc()
-        self._settled()
-        with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
-
-    async def _refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
-        """INVALID: publish the outcome, dead-letter a copy with the reason, ack.
-
-        The outcome goes out even when the run kind is unknown and there is no reply_to
-        (routing key ``outcome.unknown.invalid``): every proposal gets its one answer.
-        """
-        outcome = invalid_outcome(invalid)
-        await self.publisher.outcome(message, outcome)
-        await self.publisher.dead_letter(message, invalid.code.value, invalid.message)
-        await message.ack()
-        self._settled()
-        self.metrics.dead_lettered.labels(invalid.code.value).inc()
-        self.metrics.refused(outcome, invalid.code.value)
-        log.warning(
-            "invalid proposal %s: %s: %s", invalid.proposal_id, invalid.code, invalid.message
-        )
-
     async def purge_forever(self) -> None:
         """Forget processed proposal ids past the retention window, every few minutes."""
         while True:
@@ -469,104 +327,3 @@ class Consumer:
             except Exception:
                 log.exception("purging processed proposals failed; will try again")
             await asyncio.sleep(PURGE_INTERVAL_S)
-
-
-def _delivery_count(message: AbstractIncomingMessage) -> int:
-    """How often the queue delivered this message before (0 on the first delivery)."""
-    count = (message.headers or {}).get("x-delivery-count", 0)
-    return count if isinstance(count, int) and not isinstance(count, bool) else 0
-
-
-def _message_uuid(message_id: str | None) -> uuid.UUID | None:
-    try:
-        return uuid.UUID(message_id) if message_id else None
-    except ValueError:
-        return None
-
-
-def _describe(exc: BaseException) -> str:
-    """An exception as the one line an executor reads in its ABORT."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
-def decision_line(processed: Processed, seconds: float) -> str:
-    """One line per settled proposal (at DEBUG): what was decided, by which rules, how fast."""
-    outcome = processed.outcome
-    state = outcome.state
-    written = f"{state.type.value} {state.name!r}" if state is not None else "no state"
-    if processed.replayed:
-        why = "replay of the stored outcome"
-    else:
-        why = ", ".join(f"{t.rule} {t.effect.value}" for t in outcome.rule_trace) or "no rule"
-    return (
-        f"{outcome.run_kind} {outcome.run_id} proposal {outcome.proposal_id}: "
-        f"{outcome.status.value} -> {written} [{why}] in {seconds * 1000:.1f} ms"
-    )
-
-
-async def run_worker(
-    settings: Settings,
-    *,
-    stop: asyncio.Event | None = None,
-    metrics: WorkerMetrics | None = None,
-) -> int:
-    """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code.
-    ``metrics`` lets an in-process caller (a test) read the worker's counters."""
-    from worker.runtime import ServiceError
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
-    metrics = metrics or WorkerMetrics()
-    if settings.metrics_port is not None:
-        try:
-            port = metrics.serve(settings.metrics_port)
-        except OSError as exc:
-            message = f"ARBITER_METRICS_PORT: cannot serve metrics on port {settings.metrics_port}"
-            raise ServiceError(f"{message}: {exc.strerror or exc}") from None
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
-    try:
-        return await _consume_until_stopped(settings, metrics, stop)
-    finally:
-        metrics.close()
-
-
-async def _consume_until_stopped(
-    settings: Settings, metrics: WorkerMetrics, stop: asyncio.Event
-) -> int:
-    from worker.runtime import build_runtime
-
-    async with build_runtime(settings) as runtime:
-        consumer = Consumer(
-            settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
-        )
-        await consumer.start()
-        purger = asyncio.create_task(consumer.purge_forever())
-        await stop.wait()
-        log.info("stopping: draining %d in-flight proposals", consumer.unsettled)
-        try:
-            await asyncio.wait_for(consumer.drain(), settings.shutdown_timeout_s)
-        except TimeoutError:
-            # Typically the broker is unreachable. Nothing is lost: whatever was not acked
-            # is redelivered to another worker, and committed work replays its outcome.
-            log.warning(
-                "stopping: gave up after %.0f s (ARBITER_SHUTDOWN_TIMEOUT_S) with %d"
-                " proposals unsettled; the broker will redeliver them",
-                settings.shutdown_timeout_s,
-                consumer.unsettled,
-            )
-        purger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await purger
-        invalid = metrics.total("arbiter_invalid_proposals")
-        log.info(
-            "stopped after %d proposals (%d replays, %d invalid, %d requeued)",
-            metrics.total("arbiter_outcomes") - invalid,
-            metrics.total("arbiter_replays"),
-            invalid,
-            metrics.total("arbiter_requeued"),
-        )
-    return 0

@@ -20,9 +20,9 @@ from schemas.states import utcnow
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_worker_roundtrip import OutcomeTap, proposal_body, publish_raw
 from worker.client import ArbiterClient
-from worker.consumer import run_worker
 from worker.devservices import Services
 from worker.runtime import ServiceError
+from worker.service import run_worker
 
 pytestmark = pytest.mark.integration
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Sequence
 
 import pytest
 
@@ -23,7 +24,7 @@ async def record(
     store: PgStore,
     proposal_id: uuid.UUID,
     outcome: object,
-    outbox: list[object] | None = None,
+    outbox: Sequence[object] | None = None,
     sha: str = "ab",
 ) -> None:
     """Record a proposal as a batch does: with the batch's other writes, in one statement."""
@@ -34,7 +35,7 @@ async def record(
         ("task_run", uuid.uuid4()),
         "ACCEPT",
         json.dumps(outcome),
-        json.dumps(outbox or []),
+        json.dumps(list(outbox or [])),
     )
     await batch.flush()
 

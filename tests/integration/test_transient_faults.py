@@ -137,8 +137,8 @@ async def test_the_worker_keeps_serving_other_runs_while_one_is_locked(
 
 async def test_an_unreachable_database_at_startup_is_one_clear_error(services: Services) -> None:
     """A worker pointed at a closed port fails fast with the setting's name."""
-    from worker.consumer import run_worker
     from worker.runtime import ServiceError
+    from worker.service import run_worker
 
     settings = Settings(amqp_url=services.amqp_url, database_url="postgresql://x:y@127.0.0.1:1/db")
     with pytest.raises(ServiceError, match="ARBITER_DATABASE_URL"):
@@ -147,8 +147,8 @@ async def test_an_unreachable_database_at_startup_is_one_clear_error(services: S
 
 async def test_an_unreachable_broker_at_startup_is_one_clear_error(database_url: str) -> None:
     """A worker pointed at a closed AMQP port fails fast with the setting's name."""
-    from worker.consumer import run_worker
     from worker.runtime import ServiceError
+    from worker.service import run_worker
 
     settings = Settings(amqp_url="amqp://guest:guest@127.0.0.1:1/", database_url=database_url)
     with pytest.raises(ServiceError, match="ARBITER_AMQP_URL"):
