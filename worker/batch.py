@@ -75,9 +75,7 @@ def _parent_of(proposal: Proposal) -> uuid.UUID | None:
     return None
 
 
-async def _lock_and_create(
-    db: PgStore, proposals: list[Proposal], aborts: dict[int, str]
-) -> _Runs:
+async def _lock_and_create(db: PgStore, proposals: list[Proposal], aborts: dict[int, str]) -> _Runs:
     """Lock and read the batch's runs, and build the new ones, as one proposal at a time
     would.
 
