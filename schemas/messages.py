@@ -1,6 +1,6 @@
 """Wire messages: the proposal an executor publishes and the outcome a worker returns.
 
-PROTOCOL.md §2-§3 is the contract; the JSON Schema files in ``schemas/jsonschema``
+The protocol (README) is the contract; the JSON Schema files in ``schemas/jsonschema``
 are generated from these models (``python -m schemas.export``) and a test fails
 when the two drift apart.
 """
