@@ -48,7 +48,7 @@ class _Runs:
     the INVALID answers decided while locking."""
 
     locked: dict[RunKey, FlowRun | TaskRun]
-    new: set[RunKey]
+    new: dict[RunKey, int]  # run → the index of the proposal that creates it
     refused: dict[int, Processed]
     held_elsewhere: set[RunKey]
     processed: dict[uuid.UUID, ProcessedProposal]
@@ -110,6 +110,7 @@ async def _lock_and_create(db: PgStore, proposals: list[Proposal], aborts: dict[
         kinds.update(read.kinds)
     refused: dict[int, Processed] = {}
     creating: dict[RunKey, FlowRun | TaskRun] = {}
+    creators: dict[RunKey, int] = {}
     held = {key for key in keys - runs.keys() if kinds.get(key[1]) == key[0]}
     for index, proposal in enumerate(proposals):
         key: RunKey = (proposal.run_kind, proposal.run_id)
@@ -122,8 +123,9 @@ async def _lock_and_create(db: PgStore, proposals: list[Proposal], aborts: dict[
         new_run = _new_run(proposal)
         assert new_run is not None
         creating[key] = new_run
+        creators[key] = index
     runs.update(creating)
-    return _Runs(runs, set(creating), refused, held, processed)
+    return _Runs(runs, creators, refused, held, processed)
 
 
 def _why_not_created(
@@ -239,8 +241,11 @@ async def _decide(
     proposal: Proposal,
     abort_reason: str | None,
 ) -> Processed:
-    run = store.runs.get((proposal.run_kind, proposal.run_id))
+    key: RunKey = (proposal.run_kind, proposal.run_id)
+    run = store.runs.get(key)
     if abort_reason is not None:
+        if key in store.new and store.new[key] > index:
+            run = None  # created by a later proposal of the batch: not there yet
         return Processed(outcome=abort_outcome(proposal, run, abort_reason))
     assert run is not None
     state = proposal.state.to_state(orchestrator.clock())

@@ -70,11 +70,13 @@ class BatchStore:
         self,
         db: PgStore,
         runs: dict[RunKey, FlowRun | TaskRun],
-        new: set[RunKey] | None = None,
+        new: dict[RunKey, int] | None = None,
     ) -> None:
         self.db = db
         self.runs = runs
-        self.new = new or set()  # runs of ``runs`` to insert at ``flush``, not update
+        # Runs of ``runs`` to insert at ``flush`` (not update), with the index of the
+        # proposal that creates each.
+        self.new = new or {}
         self._reads: dict[RunKey, FlowRun | TaskRun | None] = {}
         self._states: dict[uuid.UUID, dict[str, Any]] = {}  # column values, by state id
         self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
@@ -243,4 +245,4 @@ class BatchStore:
         rows.expected["recorded"] = len(pending.records)
         await self.db.write_batch(rows)
         self.pending = _Pending()
-        self.new = set()
+        self.new = {}

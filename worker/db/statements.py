@@ -198,8 +198,15 @@ def _write_batch() -> sa.TextClause:
             f"{kind}_saved AS (UPDATE {run} AS t SET {sets}"
             f" FROM jsonb_populate_recordset(NULL::{run}, {_json(kind + '_saved')}) AS r"
             f" WHERE t.id = r.id RETURNING t.id)",
+            # Only for runs this statement wrote: a run another transaction created first
+            # gets no state, so its foreign-key check never waits on that transaction's lock
+            # (the counts fail the write as retryable anyway).
+            # In the order written: ``seq`` keeps a run's history in that order.
             f"{kind}_states AS (INSERT INTO {state} ({state_cols}) SELECT {state_cols}"
-            f" FROM jsonb_populate_recordset(NULL::{state}, {_json(kind + '_states')}))",
+            f" FROM jsonb_populate_recordset(NULL::{state}, {_json(kind + '_states')})"
+            f" WITH ORDINALITY AS written"
+            f" WHERE {kind}_id IN (SELECT id FROM {kind}_new UNION ALL"
+            f" SELECT id FROM {kind}_saved) ORDER BY written.ordinality)",
         ]
     cache = tables.task_run_state_cache.name
     cache_cols = ", ".join(_columns(tables.task_run_state_cache, "id"))
@@ -207,8 +214,10 @@ def _write_batch() -> sa.TextClause:
     processed = _P.name
     processed_cols = ", ".join(_columns(_P, "processed_at"))
     parts += [
+        # In the order written: the newest entry of a key (highest id) is the one found.
         f"cache AS (INSERT INTO {cache} ({cache_cols}) SELECT {cache_cols}"
-        f" FROM jsonb_populate_recordset(NULL::{cache}, {_json('cache')}))",
+        f" FROM jsonb_populate_recordset(NULL::{cache}, {_json('cache')})"
+        f" WITH ORDINALITY AS written ORDER BY written.ordinality)",
         f"limits AS (UPDATE {limits} AS t SET active_slots = r.active_slots, updated = now()"
         f" FROM jsonb_populate_recordset(NULL::{limits}, {_json('limits')}) AS r"
         " WHERE t.tag = r.tag)",
