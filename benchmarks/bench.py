@@ -24,8 +24,8 @@ window). Per-transition CPU is the steadier figure on a shared box.
     .venv/bin/python benchmarks/bench.py --drain --workers 2 --runs 3000
     .venv/bin/python benchmarks/bench.py --drain --workers 1 --runs 3000 --mix
 
-Each worker processes ``--concurrency`` (16) at once with a prefetch of twice that, or of
-the worker's default prefetch when larger. ``--batch-max`` / ``--batch-wait-ms`` reach the
+Each worker runs ``--concurrency`` transactions at once (default: the worker's own
+setting) with a prefetch of twice that, or of the worker's default prefetch when larger. ``--batch-max`` / ``--batch-wait-ms`` reach the
 workers as ARBITER_BATCH_MAX / ARBITER_BATCH_WAIT_MS when their Settings have those fields
 (else they are ignored, saying so).
 """
@@ -302,7 +302,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=int, help="default 2000; 3000 with --drain")
     parser.add_argument("--executors", type=int, default=64, help="fire-and-await only")
-    parser.add_argument("--concurrency", type=int, default=16, help="per worker")
+    parser.add_argument(
+        "--concurrency", type=int, help="transactions at once per worker; default the worker's"
+    )
     parser.add_argument(
         "--prefetch", type=int, help="per worker; default 2 x concurrency or the worker's default"
     )
@@ -324,8 +326,8 @@ def main() -> int:
         settings = Settings(
             amqp_url=services.amqp_url,
             database_url=services.database_url,
-            concurrency=args.concurrency,
-            prefetch=args.prefetch or default_prefetch(args.concurrency),
+            concurrency=args.concurrency or Settings.model_fields["concurrency"].default,
+            prefetch=args.prefetch or default_prefetch(args.concurrency or 0),
             metrics_port=0,  # each worker on a free port: WorkerPool.ports
             **batch,
         )

@@ -71,6 +71,7 @@ class Consumer:
         self._batches: set[asyncio.Task[None]] = set()
         self._unsettled = 0  # delivered and not yet acked or given back
         self._dispatcher: asyncio.Task[None] | None = None
+        self._batch_finished: asyncio.Future[None] | None = None  # set while a batch fills
         self._topology: Topology | None = None
         self._answers: Answers | None = None
         self.acker = Acker()
@@ -146,19 +147,34 @@ class Consumer:
                 raise
             self._take_waiting(batch)
             if self._worth_waiting(batch):
-                deadline = loop.time() + self.settings.batch_wait_ms / 1000
-                while len(batch) < self.settings.batch_max:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._inbox.get(), remaining))
-                    except TimeoutError:
-                        break
-                    self._take_waiting(batch)
+                await self._fill(batch, loop.time() + self.settings.batch_wait_ms / 1000)
             task = asyncio.create_task(self._settle(batch))
             self._batches.add(task)
             task.add_done_callback(self._batch_done)
+
+    async def _fill(self, batch: list[AbstractIncomingMessage], deadline: float) -> None:
+        """Add deliveries as they arrive, until the batch is full, a batch in flight
+        finishes (its slot could take these at once), or ``deadline``."""
+        loop = asyncio.get_running_loop()
+        finished = self._batch_finished = loop.create_future()
+        try:
+            while len(batch) < self.settings.batch_max and not finished.done():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                arrival = asyncio.ensure_future(self._inbox.get())
+                await asyncio.wait(
+                    {arrival, finished}, timeout=remaining, return_when="FIRST_COMPLETED"
+                )
+                if not arrival.done():
+                    arrival.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await arrival
+                if arrival.done() and not arrival.cancelled():
+                    batch.append(arrival.result())
+                    self._take_waiting(batch)
+        finally:
+            self._batch_finished = None
 
     def _take_waiting(self, batch: list[AbstractIncomingMessage]) -> None:
         while len(batch) < self.settings.batch_max and not self._inbox.empty():
@@ -177,6 +193,8 @@ class Consumer:
     def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
         self._slots.release()
+        if self._batch_finished is not None and not self._batch_finished.done():
+            self._batch_finished.set_result(None)
 
     def _settled(self, count: int = 1) -> None:
         self._unsettled -= count

@@ -30,9 +30,10 @@ class Settings(BaseSettings):
     # Transactions (batches of proposals) a worker runs at once.
     concurrency: int = Field(default=4, ge=1)
     # Deliveries settled by one transaction at most, and how long a batch may wait to fill
-    # while other batches are in flight (never when the worker is idle or its window full).
+    # while other batches are in flight: until one of them finishes, at most this long
+    # (never when the worker is idle or its window is full).
     batch_max: int = Field(default=64, ge=1)
-    batch_wait_ms: float = Field(default=2.0, ge=0)
+    batch_wait_ms: float = Field(default=10.0, ge=0)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
     retry_attempts: int = Field(default=5, ge=1)
