@@ -25,9 +25,10 @@ window). Per-transition CPU is the steadier figure on a shared box.
     .venv/bin/python benchmarks/bench.py --drain --workers 1 --runs 3000 --mix
 
 Each worker runs ``--concurrency`` transactions at once (default: the worker's own
-setting) with a prefetch of twice that, or of the worker's default prefetch when larger. ``--batch-max`` / ``--batch-wait-ms`` reach the
-workers as ARBITER_BATCH_MAX / ARBITER_BATCH_WAIT_MS when their Settings have those fields
-(else they are ignored, saying so).
+setting) with a prefetch of twice that, or of the worker's default prefetch when larger.
+``--batch-max`` / ``--batch-wait-ms`` reach the workers as ARBITER_BATCH_MAX /
+ARBITER_BATCH_WAIT_MS when their Settings have those fields (else they are ignored, saying
+so).
 """
 
 from __future__ import annotations
