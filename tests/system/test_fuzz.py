@@ -1,8 +1,8 @@
 """Hostile traffic on two worker processes: every message answered once, valid ones accepted.
 
 The mix comes from ``tests/fixtures/hostile.py`` (seeded, so a failure reproduces); the
-driver and the verdict are those of ``benchmarks/fuzz.py``, which runs the same mix at
-larger sizes and prints it.
+driver and the verdict are in ``tests/fixtures/fuzzing.py``, shared with
+``benchmarks/fuzz.py``, which runs the same mix at larger sizes and prints it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from benchmarks.fuzz import drive, summarise
+from tests.fixtures.fuzzing import drive, summarise
 from tests.fixtures.hostile import FuzzPlan
 from worker.pool import WorkerPool
 from worker.settings import Settings
