@@ -35,13 +35,23 @@ FAILING_SQL = {
 def refuse_run_named(monkeypatch: pytest.MonkeyPatch, name: str, sql: str) -> Callable[[], int]:
     """Make writing a batch holding a new flow run called ``name`` send ``sql`` first, as if
     the database refused something in that proposal; returns how many transactions held it."""
+    return refuse_run_named_in_batches(monkeypatch, name, sql, [])
+
+
+def refuse_run_named_in_batches(
+    monkeypatch: pytest.MonkeyPatch, name: str, sql: str, sizes: list[int]
+) -> Callable[[], int]:
+    """As ``refuse_run_named``, also noting in ``sizes`` how many new flow runs each failing
+    write held (the culprit and the neighbours that failed with it)."""
     calls = 0
     real: Callable[..., Awaitable[None]] = PgStore.write_batch
 
     async def write_batch(self: PgStore, rows: BatchRows) -> None:
         nonlocal calls
-        if any(json.loads(run)["name"] == name for run in rows.json["flow_run_new"]):
+        names = [json.loads(run)["name"] for run in rows.json["flow_run_new"]]
+        if name in names:
             calls += 1
+            sizes.append(len(names))
             await self._execute(text(sql))
         await real(self, rows)
 
@@ -97,3 +107,37 @@ async def test_a_refused_proposal_does_not_cost_its_neighbours(
     for run_id in good:
         assert await history_of(settings, run_id) == ["Pending"]
     assert await history_of(settings, bad) == []
+
+
+async def test_a_refused_proposal_inside_a_batch_is_split_out_and_its_neighbours_commit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nine proposals taken as one batch, the fifth refused by the database: the batch is
+    split until the culprit is alone; it is INVALID unstorable, the eight others ACCEPT."""
+    from tests.integration.test_batches import (
+        outcome_tap,
+        publish_backlog,
+        worker_taking_one_batch,
+    )
+    from worker.metrics import WorkerMetrics
+
+    sizes: list[int] = []
+    refuse_run_named_in_batches(monkeypatch, "poison", FAILING_SQL["22012"], sizes)
+    run_ids = [uuid.uuid4() for _ in range(9)]
+    documents = [
+        proposal_body(run_id, StateType.PENDING, run={"name": "poison" if i == 4 else "fine"})
+        for i, run_id in enumerate(run_ids)
+    ]
+    async with outcome_tap(settings) as tap:
+        await publish_backlog(settings, [json.dumps(d).encode() for d in documents])
+        async with worker_taking_one_batch(settings, WorkerMetrics(), len(documents)):
+            outcomes = [Outcome.model_validate_json((await tap.next()).body) for _ in run_ids]
+    statuses = {outcome.run_id: outcome.status for outcome in outcomes}
+    assert statuses == {
+        run_id: OutcomeStatus.INVALID if i == 4 else OutcomeStatus.ACCEPT
+        for i, run_id in enumerate(run_ids)
+    }
+    assert sizes[0] == 9  # first tried with all its neighbours
+    assert sizes[-1] == 1  # refused alone
+    for i, run_id in enumerate(run_ids):
+        assert await history_of(settings, run_id) == ([] if i == 4 else ["Pending"])
