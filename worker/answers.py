@@ -14,7 +14,6 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import ErrorCode
-from worker.acks import Acker
 from worker.db.errors import refused_content
 from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
@@ -41,7 +40,6 @@ class Answers:
         publisher: Publisher,
         decode: Callable[[AbstractIncomingMessage], Decoded | Invalid],
         on_settled: Callable[[], None],
-        acker: Acker,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -49,7 +47,6 @@ class Answers:
         self.publisher = publisher
         self.decode = decode
         self.on_settled = on_settled
-        self.acker = acker
 
     async def announce(
         self, message: AbstractIncomingMessage, processed: Processed, started: float
@@ -69,7 +66,7 @@ class Answers:
             why = f"proposal {processed.outcome.proposal_id}: publishing failed"
             await self._requeue(message, why, exc)
             return
-        self.acker.ack(message)
+        await message.ack()
         self.on_settled()
         seconds = time.perf_counter() - started
         self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
@@ -144,7 +141,7 @@ class Answers:
             why = f"proposal {identity.proposal_id}: giving up failed"
             await self._requeue(message, why, exc)
             return
-        self.acker.ack(message)
+        await message.ack()
         self.on_settled()
         self.metrics.dead_lettered.labels(ErrorCode.DELIVERY_LIMIT.value).inc()
         self.metrics.settled(outcome, replayed=False, seconds=0.0)
@@ -172,7 +169,6 @@ class Answers:
         self.on_settled()
         with contextlib.suppress(Exception):
             await message.nack(requeue=True)
-        self.acker.settled_alone(message)
 
     async def refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
         """INVALID: publish the outcome, dead-letter a copy with the reason, ack.
@@ -183,7 +179,7 @@ class Answers:
         outcome = invalid_outcome(invalid)
         await self.publisher.outcome(message, outcome)
         await self.publisher.dead_letter(message, invalid.code.value, invalid.message)
-        self.acker.ack(message)
+        await message.ack()
         self.on_settled()
         self.metrics.dead_lettered.labels(invalid.code.value).inc()
         self.metrics.refused(outcome, invalid.code.value)

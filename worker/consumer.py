@@ -27,7 +27,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from rules.engine import Orchestrator
-from worker.acks import Acker
 from worker.answers import Answers, describe
 from worker.batch import RuleFailed, process_batch
 from worker.db.store import PgStore, is_transient
@@ -74,7 +73,6 @@ class Consumer:
         self._batch_finished: asyncio.Future[None] | None = None  # set while a batch fills
         self._topology: Topology | None = None
         self._answers: Answers | None = None
-        self.acker = Acker()
         self._consumer_tag: str | None = None
 
     @property
@@ -98,7 +96,6 @@ class Consumer:
             publisher,
             self._decode,
             self._settled,
-            self.acker,
         )
         self._dispatcher = asyncio.create_task(self._dispatch())
         self._consumer_tag = await self._topology.proposals_queue.consume(self._on_delivery)
@@ -121,14 +118,12 @@ class Consumer:
                 await asyncio.gather(*list(self._batches), return_exceptions=True)
             else:
                 await asyncio.sleep(0.01)
-        await self.acker.drain()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
-        self.acker.received(message)
         self._unsettled += 1
         self.metrics.in_flight.inc()
         self._inbox.put_nowait(message)

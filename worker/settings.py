@@ -26,8 +26,7 @@ class Settings(BaseSettings):
     task_runs_exchange: str = "arbiter.task-runs"
 
     delivery_limit: int = Field(default=5, ge=1)
-    # Well above concurrency × batch_max, so deliveries keep arriving while batches run.
-    prefetch: int = Field(default=1024, ge=1)
+    prefetch: int = Field(default=256, ge=1)
     # Transactions (batches of proposals) a worker runs at once.
     concurrency: int = Field(default=4, ge=1)
     # Deliveries settled by one transaction at most, and how long a batch may wait to fill
