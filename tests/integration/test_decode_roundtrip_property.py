@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
+from worker.db.batch_store import BatchStore
 from worker.db.store import PgStore
 from worker.decode import Decoded, Invalid, decode_proposal
 
@@ -256,7 +257,7 @@ def accepted_examples(count: int) -> list[tuple[bytes, Proposal]]:
 
 
 async def round_trip_mismatches(store: PgStore, proposal: Proposal) -> list[str]:
-    """Write the run and its state as the worker would, read them back, and say what differs."""
+    """Write the run and its state as the worker does, read them back, say what differs."""
     kind, spec = proposal.run_kind, proposal.run
     run: FlowRun | TaskRun
     if isinstance(spec, FlowRunSpec):
@@ -265,8 +266,12 @@ async def round_trip_mismatches(store: PgStore, proposal: Proposal) -> list[str]
         assert isinstance(spec, TaskRunSpec)
         run = TaskRun.from_spec(proposal.run_id, spec)
     state = proposal.state.to_state(dt.datetime.now(dt.UTC))
-    await store.create_run_if_absent(kind, run)
-    await store.insert_state(kind, run, state)
+    # As a batch writes them: a new run and its first state in the batch's one statement.
+    batch = BatchStore(store, {(kind, run.id): run}, {(kind, run.id): 0})
+    await batch.insert_state(kind, run, state)
+    run.state = state
+    await batch.save_run(kind, run)
+    await batch.flush()
     [stored] = await store.read_history(kind, proposal.run_id)
     read = await (store.read_flow_run if kind == "flow_run" else store.read_task_run)(run.id)
     assert read is not None

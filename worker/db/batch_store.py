@@ -52,11 +52,16 @@ class _Pending:
 
 
 def _row(values: dict[str, Any]) -> str:
-    """One row as the JSON object ``jsonb_populate_recordset`` reads (an interval as text)."""
-    duration = values.get("total_run_time")
-    if isinstance(duration, dt.timedelta):
-        values = {**values, "total_run_time": f"{duration.total_seconds()} seconds"}
-    return pydantic_core.to_json(values).decode()
+    """One row as the JSON object ``jsonb_populate_recordset`` reads: an interval as text,
+    and times in UTC (PostgreSQL reads offsets up to 15:59 only; Python allows 23:59)."""
+    row = {}
+    for name, value in values.items():
+        if isinstance(value, dt.datetime):
+            value = value.astimezone(dt.UTC)
+        elif isinstance(value, dt.timedelta):
+            value = f"{value.total_seconds()} seconds"
+        row[name] = value
+    return pydantic_core.to_json(row).decode()
 
 
 class BatchStore:
