@@ -1,12 +1,14 @@
 """Many proposals, one transaction: lock every run up front, decide in memory, write set-based.
 
-The order inside the transaction is fixed, so two workers' batches over overlapping runs
-wait for each other instead of deadlocking: flow runs, then task runs, each locked in id
-order by one statement; then the runs to create (in delivery order, one multi-row insert
-per kind); then the tag limits of every task run in the batch, in tag order. After that
-the rules run for each proposal in delivery order against a ``BatchStore``, so two
-proposals for one run see each other's writes, and ``flush`` writes everything with one
-statement per table before the single COMMIT.
+Two statements per batch. The first locks the batch's runs of each kind in id order (so
+two workers' batches over overlapping runs wait for each other instead of deadlocking;
+a batch of several skips runs other transactions hold and leaves their proposals to be
+settled alone) and reads them with their states, the replay records of the batch's
+proposal ids and the kind of every id it names. New runs are built in memory, in
+delivery order. Then the rules run for each proposal in delivery order against a
+``BatchStore`` overlay, so two proposals for one run see each other's writes (a
+multi-task batch first locks its tag limits, in tag order), and ``flush`` writes
+everything, new runs included, in the second statement before the single COMMIT.
 
 A rule's own exception is not the batch's fault: ``RuleFailed`` names the proposal, and
 the caller runs the batch again with that proposal answered by a stored ABORT instead.

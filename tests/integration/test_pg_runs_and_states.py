@@ -178,13 +178,6 @@ class TestRuns:
             await pg_store.save_run("flow_run", FlowRun(id=uuid.uuid4()))
         assert not caught.value.retryable
 
-    async def test_create_run_if_absent_keeps_the_first(self, pg_store: PgStore) -> None:
-        """The second creation of the same id inserts nothing and raises nothing."""
-        first = FlowRun(id=uuid.uuid4(), name="first")
-        await pg_store.create_run_if_absent("flow_run", first)
-        await pg_store.create_run_if_absent("flow_run", FlowRun(id=first.id, name="second"))
-        assert await pg_store.read_flow_run(first.id) == first
-
     async def test_create_run_twice_is_a_permanent_error(self, pg_store: PgStore) -> None:
         """create_run on a taken id is a unique violation: not retryable."""
         run = await create_flow_run(pg_store)

@@ -84,7 +84,6 @@ def _statements(kind: RunTables) -> dict[str, Any]:
         "read": read,
         "locked_read": locked_read,
         "lock": sa.select(run.c.id).where(run.c.id == _RUN_ID).with_for_update(),
-        "insert_if_absent": pg_insert(run).on_conflict_do_nothing(index_elements=[run.c.id]),
         "update": sa.update(run).where(run.c.id == sa.bindparam("run_key", type_=sa.Uuid)),
         "insert_state": sa.insert(kind.state),
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -35,6 +34,7 @@ from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State
 from worker.db import statements as sql
 from worker.db import tables
+from worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
 from worker.db.errors import is_transient, translate_db_error
 from worker.db.storable import unstorable
 
@@ -49,17 +49,6 @@ __all__ = [
 
 
 # --- rows <-> models --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessedProposal:
-    """A proposal id already answered: its body's digest, the outcome it got and
-    the messages its transaction published after commit."""
-
-    body_sha256: str
-    status: str
-    outcome_json: str
-    outbox_json: str = "[]"
 
 
 def _state_from(row: Mapping[Any, Any], prefix: str = "") -> State:
@@ -110,27 +99,6 @@ def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[
 
 
 # --- the store --------------------------------------------------------------------------------
-
-
-@dataclass
-class BatchRead:
-    """What ``PgStore.read_batch`` found: runs by id, replay records by proposal id, and
-    the kind of each known run id."""
-
-    runs: dict[uuid.UUID, FlowRun | TaskRun] = field(default_factory=dict)
-    processed: dict[uuid.UUID, ProcessedProposal] = field(default_factory=dict)
-    kinds: dict[uuid.UUID, RunKind] = field(default_factory=dict)
-
-
-@dataclass
-class BatchRows:
-    """A batch's writes as JSON objects (one text per row) for ``PgStore.write_batch``,
-    and the rows each counted part must have written."""
-
-    json: dict[str, list[str]] = field(
-        default_factory=lambda: {name: [] for name in sql.WRITE_BATCH_PARTS}
-    )
-    expected: dict[str, int] = field(default_factory=dict)
 
 
 class PgStore:
@@ -229,17 +197,6 @@ class PgStore:
         k = sql.KINDS[kind]
         await self._execute(sa.insert(k.run).values(_run_values(k, run)))
         if run.state is not None:
-            await self.insert_state(kind, run, run.state)
-
-    async def create_run_if_absent(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
-        """Insert the run unless its id exists: a run's first proposals may race on two workers.
-
-        The loser waits for the winner's transaction and then inserts nothing; both
-        go on to ``lock_run``.
-        """
-        values = _run_values(sql.KINDS[kind], run)
-        inserted = (await self._execute(sql.BY_KIND[kind]["insert_if_absent"], values)).rowcount
-        if inserted and run.state is not None:
             await self.insert_state(kind, run, run.state)
 
     async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
