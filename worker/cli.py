@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("migrate", help="create or upgrade the database schema")
     worker = commands.add_parser("worker", help="run one worker process")
-    worker.add_argument("--concurrency", type=int, help="proposals processed at once")
+    worker.add_argument(
+        "--concurrency", type=int, help="transactions (batches of proposals) run at once"
+    )
     worker.add_argument("--prefetch", type=int, help="deliveries the broker may send ahead")
     runs = commands.add_parser("runs", help="inspect runs").add_subparsers(
         dest="runs_command", required=True
