@@ -6,7 +6,8 @@ Each server comes from the first source that works:
 2. throw-away Docker containers via testcontainers, when a Docker engine answers;
 3. private local processes started by ``deploy/start-rabbitmq.sh`` and
    ``deploy/start-postgres.sh`` (no Docker or systemd needed; as root they even apt-get install
-   the servers). ``ARBITER_DEVSERVICES=docker|local`` forces one of the last two.
+   the servers). ``ARBITER_DEVSERVICES=docker|local`` forces one of the last two; the Docker
+   path lives in ``worker.devcontainers``.
 
     with provide_services() as services:
         ...  # services.amqp_url, services.database_url
@@ -20,31 +21,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 __all__ = ["DevServicesError", "Services", "docker_available", "main", "provide_services"]
 
 _log = logging.getLogger(__name__)
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
-RABBITMQ_IMAGE = "rabbitmq:3.13"  # 3.x like the Debian 3.10 package: no default delivery limit
-POSTGRES_IMAGE = "postgres:15"
 _CREDENTIAL = "arbiter"  # user, password and database name of every server started here
 _RMQ_WAIT_S = "90"  # boot timeout handed to start-rabbitmq.sh unless RMQ_WAIT is set
 _RMQ_ATTEMPTS = 2  # a slow or starved first boot gets one more try
@@ -83,7 +77,10 @@ def provide_services(
         if amqp_url is None or database_url is None:
             started = time.monotonic()
             backend = _backend()
-            start = _start_containers if backend == "docker" else _start_local
+            if backend == "docker":
+                from worker.devcontainers import start_containers as start
+            else:
+                start = _start_local
             urls = start(
                 stack, rabbitmq=amqp_url is None, postgres=database_url is None, durable=durable
             )
@@ -94,29 +91,10 @@ def provide_services(
 
 
 def docker_available(timeout: float = 5.0) -> bool:
-    """Tell whether a Docker engine answers (fails in ~30 ms when only the client is installed)."""
-    docker = shutil.which("docker")
-    if docker is not None:
-        try:
-            result = subprocess.run(
-                [docker, "info", "--format", "{{.ServerVersion}}"],
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return result.returncode == 0
-    try:  # no CLI: ask the SDK that testcontainers itself uses
-        docker_sdk: Any = importlib.import_module("docker")
-        client = docker_sdk.from_env(timeout=int(timeout))
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
-        return False
+    """Tell whether a Docker engine answers (``worker.devcontainers`` holds the Docker path)."""
+    from worker.devcontainers import docker_available as answers
+
+    return answers(timeout)
 
 
 def _backend() -> str:
@@ -312,75 +290,6 @@ def _start_local(
         raise DevServicesError("\n\n".join(errors))
     urls["stop"] = "; ".join(stops)
     return urls
-
-
-# --- Docker (testcontainers) -------------------------------------------------------------------
-
-
-def _start_containers(
-    stack: contextlib.ExitStack, *, rabbitmq: bool, postgres: bool, durable: bool
-) -> dict[str, str]:
-    """Start the containers concurrently; register their removal on ``stack``."""
-    with warnings.catch_warnings():  # 4.15 deprecates this path; pytest turns warnings into errors
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from testcontainers.core.container import DockerContainer
-        from testcontainers.postgres import PostgresContainer
-
-    urls: dict[str, str] = {}
-    starts: list[Callable[[], None]] = []
-    if rabbitmq:
-        # A generic container, not testcontainers.rabbitmq.RabbitMqContainer: that one needs
-        # pika (not a dependency here) and warns on import; we probe the AMQP port ourselves.
-        rmq = (
-            DockerContainer(RABBITMQ_IMAGE)
-            .with_env("RABBITMQ_DEFAULT_USER", _CREDENTIAL)
-            .with_env("RABBITMQ_DEFAULT_PASS", _CREDENTIAL)
-            .with_exposed_ports(5672)
-        )
-        stack.callback(_quietly, rmq.stop)  # stop() is a no-op for a container never created
-
-        def start_rabbitmq() -> None:
-            rmq.start()
-            host, port = rmq.get_container_host_ip(), rmq.get_exposed_port(5672)
-            _wait_for_amqp(host, port, float(os.environ.get("RMQ_WAIT") or _RMQ_WAIT_S))
-            urls["amqp"] = f"amqp://{_CREDENTIAL}:{_CREDENTIAL}@{host}:{port}/"
-
-        starts.append(start_rabbitmq)
-    if postgres:
-        settings = ["max_connections=200"]
-        if not durable:
-            settings += ["fsync=off", "synchronous_commit=off", "full_page_writes=off"]
-        pg = PostgresContainer(
-            POSTGRES_IMAGE,
-            username=_CREDENTIAL,
-            password=_CREDENTIAL,
-            dbname=_CREDENTIAL,
-            driver="asyncpg",
-        ).with_command(["postgres", *(arg for s in settings for arg in ("-c", s))])
-        stack.callback(_quietly, pg.stop)
-
-        def start_postgres() -> None:
-            pg.start()
-            urls["database"] = pg.get_connection_url()
-
-        starts.append(start_postgres)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for future in [pool.submit(start) for start in starts]:
-            future.result()
-    return urls
-
-
-def _wait_for_amqp(host: str, port: int, timeout: float) -> None:
-    """Wait until the broker answers the AMQP protocol header (docker-proxy accepts earlier)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), 2) as sock:
-            sock.sendall(b"AMQP\x00\x00\x09\x01")
-            if sock.recv(1):
-                return
-        if time.monotonic() > deadline:
-            raise DevServicesError(f"RabbitMQ on {host}:{port} not ready after {timeout:.0f} s")
-        time.sleep(0.1)
 
 
 def _quietly(stop: Callable[[], object]) -> None:
