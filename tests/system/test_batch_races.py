@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
 
 from schemas import Outcome, OutcomeStatus, StateType
 from tests.fixtures.services import isolated_settings
+from tests.fixtures.written import written_for
 from tests.integration.test_batches import (
     Answers,
     Document,
@@ -243,26 +243,8 @@ async def test_a_worker_killed_mid_batches_loses_and_doubles_nothing(
     assert answers.keys() == {proposal_id_of(d) for d in backlog}
     assert_no_error_answers(answers)
     assert {first_answer(answers, d).status for d in backlog} == {OutcomeStatus.ACCEPT}
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.connect() as conn:
-            run_ids = [str(r) for r in runs]
-            rows = await conn.execute(
-                text(
-                    "SELECT task_run_id, count(*), count(DISTINCT type) FROM task_run_state"
-                    " WHERE task_run_id = ANY(CAST(:ids AS uuid[])) GROUP BY task_run_id"
-                ),
-                {"ids": run_ids},
-            )
-            states = {str(row[0]): (row[1], row[2]) for row in rows}
-            recorded = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM processed_proposal"
-                    " WHERE run_id = ANY(CAST(:ids AS uuid[]))"
-                ),
-                {"ids": run_ids},
-            )
-    finally:
-        await engine.dispose()
+    written = await written_for(settings, "task_run", runs)
+    run_ids = [str(r) for r in runs]
+    states, recorded = written.states, written.processed
     assert states == {run_id: (3, 3) for run_id in run_ids}
     assert recorded == len(backlog)

@@ -7,11 +7,10 @@ import signal
 import uuid
 
 import pytest
-from sqlalchemy import text
 
 from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from tests.fixtures.written import written_for
 from worker.client import ArbiterClient
-from worker.db.engine import create_engine
 from worker.pool import WorkerPool
 from worker.settings import Settings
 
@@ -68,27 +67,9 @@ async def test_a_killed_worker_loses_nothing_and_doubles_nothing(
         results = await drivers
 
     assert all(statuses == [OutcomeStatus.ACCEPT] * 4 for statuses in results)
-    engine = create_engine(settings.database_url)
-    try:
-        async with engine.connect() as conn:
-            ids = [str(r) for r in run_ids]
-            rows = await conn.execute(
-                text(
-                    "SELECT flow_run_id, count(*), count(DISTINCT type) FROM flow_run_state "
-                    "WHERE flow_run_id = ANY(CAST(:ids AS uuid[])) GROUP BY flow_run_id"
-                ),
-                {"ids": ids},
-            )
-            counts = {str(r[0]): (r[1], r[2]) for r in rows}
-            processed = await conn.scalar(
-                text(
-                    "SELECT count(*) FROM processed_proposal "
-                    "WHERE run_id = ANY(CAST(:ids AS uuid[]))"
-                ),
-                {"ids": ids},
-            )
-    finally:
-        await engine.dispose()
+    written = await written_for(settings, "flow_run", run_ids)
+    ids = [str(r) for r in run_ids]
+    counts, processed = written.states, written.processed
     assert counts == {run_id: (4, 4) for run_id in ids}
     assert processed == RUNS * len(LIFECYCLE)
     assert worker_processes.stop()[1:] == [0, 0]
