@@ -107,6 +107,14 @@ class Consumer:
             self.settings.batch_max,
         )
 
+    async def consuming(self) -> bool:
+        """Whether the broker delivers to us now: not after it cancelled our consumer (its
+        queue was deleted, say) until the robust channel consumes again. Readiness asks."""
+        if self._topology is None or self._consumer_tag is None:
+            return False
+        channel = await self._topology.proposals_queue.channel.get_underlay_channel()
+        return self._consumer_tag in getattr(channel, "consumers", {})
+
     async def drain(self) -> None:
         """Stop taking deliveries, then let every delivered one settle."""
         if self._topology is not None and self._consumer_tag is not None:

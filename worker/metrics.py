@@ -1,7 +1,8 @@
 """Prometheus metrics of one worker: what it decided, which rules decided it, how fast.
 
 Each worker keeps its own registry (several workers may share a process in tests)
-and serves it on ``ARBITER_METRICS_PORT`` when that is set. Labels are bounded:
+and serves it on ``ARBITER_METRICS_PORT`` when that is set, beside the health probes
+(``worker.health``). Labels are bounded:
 run kinds, statuses, error codes and rule names are fixed sets.
 """
 
@@ -10,9 +11,10 @@ from __future__ import annotations
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from schemas import Outcome
+from worker.health import Health, serve
 
 __all__ = ["WorkerMetrics"]
 
@@ -122,9 +124,11 @@ class WorkerMetrics:
             )
         )
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` on ``port`` (0 picks a free one); returns the bound port."""
-        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0", health: Health | None = None) -> int:
+        """Serve ``/metrics`` (and ``health``'s probes) on ``port`` (0 picks a free one);
+        returns the bound port."""
+        app = make_wsgi_app(self.registry)
+        self._server, self._thread = serve(host, port, health.wsgi(app) if health else app)
         return int(self._server.server_port)
 
     def close(self) -> None:

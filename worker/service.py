@@ -1,15 +1,18 @@
-"""One worker process: serve metrics, consume until SIGTERM/SIGINT, drain, report."""
+"""One worker process: serve metrics and probes, consume until SIGTERM/SIGINT, drain, report."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 
 from worker.consumer import Consumer
+from worker.health import Health, readiness_problems
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings
+from worker.topology import TopologyMissing
 
 log = logging.getLogger("worker.consumer")
 
@@ -32,31 +35,39 @@ async def run_worker(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     metrics = metrics or WorkerMetrics()
+    health = Health(loop)
     if settings.metrics_port is not None:
         try:
-            port = metrics.serve(settings.metrics_port)
+            port = metrics.serve(settings.metrics_port, health=health)
         except OSError as exc:
             message = f"ARBITER_METRICS_PORT: cannot serve metrics on port {settings.metrics_port}"
             raise ServiceError(f"{message}: {exc.strerror or exc}") from None
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        log.info("metrics on http://0.0.0.0:%d/metrics, probes on /livez and /readyz", port)
     try:
-        return await _consume_until_stopped(settings, metrics, stop)
+        return await _consume_until_stopped(settings, metrics, stop, health)
     finally:
         metrics.close()
 
 
 async def _consume_until_stopped(
-    settings: Settings, metrics: WorkerMetrics, stop: asyncio.Event
+    settings: Settings, metrics: WorkerMetrics, stop: asyncio.Event, health: Health
 ) -> int:
-    from worker.runtime import build_runtime
+    from worker.runtime import ServiceError, build_runtime
 
     async with build_runtime(settings) as runtime:
         consumer = Consumer(
             settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
         )
-        await consumer.start()
+        try:
+            await consumer.start()
+        except TopologyMissing as exc:
+            raise ServiceError(str(exc)) from None
+        health.serving(
+            functools.partial(readiness_problems, consumer, runtime.connection, runtime.engine)
+        )
         purger = asyncio.create_task(consumer.purge_forever())
         await stop.wait()
+        health.stopping()
         log.info("stopping: draining %d in-flight proposals", consumer.unsettled)
         try:
             await asyncio.wait_for(consumer.drain(), settings.shutdown_timeout_s)

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     dead_queue: str = "arbiter.dead"
     events_exchange: str = "arbiter.events"
     task_runs_exchange: str = "arbiter.task-runs"
+    # False: the topology is the broker admin's (deploy/rabbitmq/definitions.json); workers and
+    # clients only check it exists (passive declares), so they need no configure permission.
+    declare_topology: bool = True
 
     delivery_limit: int = Field(default=5, ge=1)
     prefetch: int = Field(default=256, ge=1)

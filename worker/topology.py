@@ -1,4 +1,5 @@
-"""The broker topology of PROTOCOL §1, declared idempotently by workers and clients."""
+"""The broker topology of PROTOCOL §1: declared idempotently by workers and clients, or, with
+``ARBITER_DECLARE_TOPOLOGY=false``, only checked (an admin declared it; see deploy/rabbitmq)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from dataclasses import dataclass
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.abc import FieldTable
+from aiormq.exceptions import ChannelNotFoundEntity
 
 from worker.settings import Settings
+
+
+class TopologyMissing(Exception):
+    """A passive declare found no such exchange or queue; the message says what to load."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,10 @@ def proposals_queue_arguments(settings: Settings) -> FieldTable:
 
 
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
-    """Declare every exchange and queue with the contract's arguments (safe to repeat)."""
+    """Declare every exchange and queue with the contract's arguments (safe to repeat); with
+    ``declare_topology`` off, look each one up passively instead (no configure permission)."""
+    if not settings.declare_topology:
+        return await _look_up_topology(channel, settings)
     proposals_exchange = await channel.declare_exchange(
         settings.proposals_exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
@@ -66,4 +75,36 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         dead_exchange=dead_exchange,
         events_exchange=events_exchange,
         task_runs_exchange=task_runs_exchange,
+    )
+
+
+async def _look_up_topology(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Passive declares: RabbitMQ checks no permission for them, and they create nothing."""
+    kind = "exchange"
+    name = settings.proposals_exchange
+    try:
+        exchanges = []
+        for name in (
+            settings.proposals_exchange,
+            settings.outcomes_exchange,
+            settings.dead_exchange,
+            settings.events_exchange,
+            settings.task_runs_exchange,
+        ):
+            exchanges.append(await channel.declare_exchange(name, passive=True))
+        kind, name = "queue", settings.proposals_queue
+        proposals_queue = await channel.declare_queue(name, passive=True)
+    except ChannelNotFoundEntity:
+        raise TopologyMissing(
+            f"ARBITER_DECLARE_TOPOLOGY=false and the broker has no {kind} {name!r}: load the"
+            " topology first (deploy/rabbitmq/definitions.json)"
+        ) from None
+    proposals, outcomes, dead, events, task_runs = exchanges
+    return Topology(
+        proposals_exchange=proposals,
+        proposals_queue=proposals_queue,
+        outcomes_exchange=outcomes,
+        dead_exchange=dead,
+        events_exchange=events,
+        task_runs_exchange=task_runs,
     )
