@@ -6,7 +6,9 @@
 #   ...
 #   eval "$PG_STOP"                      # pg_ctl stop -m fast + rm -rf of the temp dir
 #
-# initdb into a fresh temp dir, listen on 127.0.0.1 only, create one login role + database.
+# initdb into a fresh temp dir, listen on 127.0.0.1 only, create one login role + database. The
+# role is a superuser, like the postgres image's POSTGRES_USER: the tests of deploy/postgres/roles.sql
+# create roles and databases with it.
 # Stdout carries only `export ...` lines (safe to eval); all logging goes to stderr.
 #
 # Knobs: PG_PORT (default 5544; if unset and busy, the next free port is used),
@@ -194,7 +196,7 @@ as_pg "$PG_BIN/pg_ctl" -D "$DIR/data" -l "$DIR/log/postgres.log" -w -t 60 start 
 
 as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$DIR/sock" -p "$PORT" -U postgres -d postgres \
     -v user="$PG_USER" -v pass="$PG_PASS" -v db="$PG_DB" >/dev/null <<'SQL' || die "creating role/database failed"
-CREATE ROLE :"user" LOGIN CREATEDB PASSWORD :'pass';
+CREATE ROLE :"user" LOGIN SUPERUSER PASSWORD :'pass';
 CREATE DATABASE :"db" OWNER :"user";
 SQL
 log "ready after $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"

@@ -76,6 +76,7 @@ def start_containers(
             host, port = rmq.get_container_host_ip(), rmq.get_exposed_port(5672)
             _wait_for_amqp(host, port, float(os.environ.get("RMQ_WAIT") or _RMQ_WAIT_S))
             urls["amqp"] = f"amqp://{_CREDENTIAL}:{_CREDENTIAL}@{host}:{port}/"
+            urls["rabbitmqctl"] = f"docker exec -i {rmq.get_wrapped_container().id} rabbitmqctl"
 
         starts.append(start_rabbitmq)
     if postgres:

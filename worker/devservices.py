@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -52,10 +52,13 @@ class DevServicesError(RuntimeError):
 
 @dataclass(frozen=True)
 class Services:
-    """Where the servers listen. ``database_url`` is in SQLAlchemy asyncpg form."""
+    """Where the servers listen. ``database_url`` is in SQLAlchemy asyncpg form.
+    ``rabbitmqctl`` runs that tool against a node started here (a shell command prefix);
+    None for a server named by URL."""
 
     amqp_url: str
     database_url: str
+    rabbitmqctl: str | None = None
 
 
 @contextlib.contextmanager
@@ -73,6 +76,7 @@ def provide_services(
     """
     amqp_url = os.environ.get(amqp_env) or None
     database_url = os.environ.get(database_env) or None
+    rabbitmqctl = None
     with contextlib.ExitStack() as stack:
         if amqp_url is None or database_url is None:
             started = time.monotonic()
@@ -87,7 +91,10 @@ def provide_services(
             _log.info("%s servers ready in %.1f s", backend, time.monotonic() - started)
             amqp_url = amqp_url or urls["amqp"]
             database_url = database_url or urls["database"]
-        yield Services(amqp_url=amqp_url, database_url=_asyncpg_url(database_url))
+            rabbitmqctl = urls.get("rabbitmqctl")
+        yield Services(
+            amqp_url=amqp_url, database_url=_asyncpg_url(database_url), rabbitmqctl=rabbitmqctl
+        )
 
 
 def docker_available(timeout: float = 5.0) -> bool:
@@ -145,6 +152,7 @@ class _Launch:
     proc: subprocess.Popen[bytes]
     stdout: IO[bytes]
     stderr: IO[bytes]
+    exports: dict[str, str] = field(default_factory=dict)  # what the script printed, once done
 
     @classmethod
     def start(cls, script: _Script, env: Mapping[str, str], stops: list[str]) -> _Launch:
@@ -203,7 +211,7 @@ class _Launch:
             raise DevServicesError(
                 f"{self.script.name} failed (exit {self.proc.returncode}):\n{tail}"
             )
-        exports = _parse_exports(out)
+        exports = self.exports = _parse_exports(out)
         self.stops.append(exports[self.script.stop_var])
         _log.debug("%s:\n%s", self.script.name, log)
         return exports[self.script.url_var]
@@ -254,7 +262,8 @@ def _start_local(
 ) -> dict[str, str]:
     """Run the start scripts concurrently; register their stop commands on ``stack``.
 
-    Returns the ``amqp``/``database`` URLs and ``stop``, one shell command stopping both.
+    Returns the ``amqp``/``database`` URLs, ``rabbitmqctl`` (a command prefix) and ``stop``,
+    one shell command stopping both.
     """
     rmq_wait = os.environ.get("RMQ_WAIT") or _RMQ_WAIT_S
     timeout = float(rmq_wait) + _INSTALL_MARGIN_S
@@ -288,6 +297,8 @@ def _start_local(
         raise
     if errors:
         raise DevServicesError("\n\n".join(errors))
+    if rabbitmq:
+        urls["rabbitmqctl"] = shlex.join([launches["amqp"].exports["RABBITMQ_CTL"], "rabbitmqctl"])
     urls["stop"] = "; ".join(stops)
     return urls
 
