@@ -34,15 +34,18 @@ def granted(user: str, kind: str, names: list[str]) -> set[str]:
     return {name for name in names if pattern.search(name)}
 
 
-REPLY_QUEUE = "amq.gen-Zlc4MS0A3L_i3FAONq7RNA"  # a server-named queue, as RabbitMQ names them
+# Reply queues: named by the server (amqplib, aio-pika's plain channels) or, by aio-pika's
+# robust channels (ArbiterClient), client-side as amq_<uuid4 hex> so a reconnect keeps the name.
+REPLY_QUEUES = {"amq.gen-Zlc4MS0A3L_i3FAONq7RNA", f"amq_{uuid.uuid4().hex}"}
 NAMES = [
     S.proposals_exchange,  # also the proposals queue's name
     S.outcomes_exchange,
     S.dead_exchange,  # also the dead-letter queue's name
     S.events_exchange,
     S.task_runs_exchange,
-    REPLY_QUEUE,
+    *REPLY_QUEUES,
     "executor-chosen-name",
+    "amq_not-a-uuid",
 ]
 
 
@@ -97,14 +100,14 @@ def test_the_worker_consumes_proposals_publishes_the_rest_and_configures_nothing
     }
 
 
-def test_an_executor_publishes_proposals_and_owns_only_server_named_reply_queues() -> None:
-    """configure+read+write on ``amq.gen-*`` let it declare, bind and consume its reply queue
+def test_an_executor_publishes_proposals_and_owns_only_generated_reply_queues() -> None:
+    """configure+read+write on reply queues let it declare, bind and consume its own
     (exclusive: no other connection may touch it); read on the outcomes exchange lets it
     bind there; write on ``arbiter.proposals`` lets it publish (see the README for what that
     name, shared by the exchange and the queue, still allows)."""
-    assert granted("arbiter-executor", "configure", NAMES) == {REPLY_QUEUE}
-    assert granted("arbiter-executor", "write", NAMES) == {S.proposals_exchange, REPLY_QUEUE}
-    assert granted("arbiter-executor", "read", NAMES) == {S.outcomes_exchange, REPLY_QUEUE}
+    assert granted("arbiter-executor", "configure", NAMES) == REPLY_QUEUES
+    assert granted("arbiter-executor", "write", NAMES) == {S.proposals_exchange, *REPLY_QUEUES}
+    assert granted("arbiter-executor", "read", NAMES) == {S.outcomes_exchange, *REPLY_QUEUES}
 
 
 def test_an_executor_may_bind_only_its_own_reply_key_on_the_outcomes_exchange() -> None:
