@@ -1,6 +1,6 @@
 """Wire messages: the proposal an executor publishes and the outcome a worker returns.
 
-The protocol (README) is the contract; the JSON Schema files in ``schemas/jsonschema``
+docs/protocol.md is the contract; the JSON Schema files in ``schemas/jsonschema``
 are generated from these models (``python -m schemas.export``) and a test fails
 when the two drift apart.
 """
@@ -62,7 +62,7 @@ def _not_bool_or_float(value: object) -> object:
 
 
 class Proposal(BaseModel):
-    """A request to move one run into a new state (PROTOCOL §2).
+    """A request to move one run into a new state (docs/protocol.md §2).
 
     Read strictly: a boolean is not an integer, 1.0 and "1" are not 1, an enum is one of
     its strings, and a timestamp is an RFC 3339 string.
@@ -152,7 +152,7 @@ class OutcomeError(BaseModel):
 
 
 class Outcome(BaseModel):
-    """The worker's answer to one proposal (PROTOCOL §3)."""
+    """The worker's answer to one proposal (docs/protocol.md §3)."""
 
     schema_version: Literal[1] = 1
     proposal_id: uuid.UUID | None

@@ -14,6 +14,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import ErrorCode
+from worker import headers
 from worker.db.errors import refused_content
 from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
@@ -190,7 +191,7 @@ class Answers:
 
 def _delivery_count(message: AbstractIncomingMessage) -> int:
     """How often the queue delivered this message before (0 on the first delivery)."""
-    count = (message.headers or {}).get("x-delivery-count", 0)
+    count = (message.headers or {}).get(headers.DELIVERY_COUNT, 0)
     return count if isinstance(count, int) and not isinstance(count, bool) else 0
 
 

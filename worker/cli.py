@@ -1,4 +1,4 @@
-"""The ``arbiter`` command line (PROTOCOL §5)."""
+"""The ``arbiter`` command line (docs/protocol.md §5)."""
 
 from __future__ import annotations
 

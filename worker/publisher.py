@@ -13,6 +13,7 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from rules.context import OutboxMessage
 from schemas import Outcome
+from worker import headers
 from worker.settings import Settings
 from worker.topology import Topology
 
@@ -35,7 +36,7 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             correlation_id=message.correlation_id,
             message_id=str(outcome.proposal_id) if outcome.proposal_id else message.message_id,
-            headers={"x-arbiter-status": outcome.status.value},
+            headers={headers.STATUS: outcome.status.value},
         )
         routing_key = message.reply_to or outcome.routing_key()
         exchange = self.topology.outcomes_exchange
@@ -70,8 +71,8 @@ class Publisher:
             reply_to=message.reply_to,
             headers={
                 **(message.headers or {}),
-                "x-arbiter-error-code": code,
-                "x-arbiter-error-message": why[:1000],
+                headers.ERROR_CODE: code,
+                headers.ERROR_MESSAGE: why[:1000],
             },
         )
         exchange = self.topology.dead_exchange

@@ -1,5 +1,6 @@
-"""The broker topology of PROTOCOL §1: declared idempotently by workers and clients, or, with
-``ARBITER_DECLARE_TOPOLOGY=false``, only checked (an admin declared it; see deploy/rabbitmq)."""
+"""The broker topology of docs/protocol.md §1: declared idempotently by workers and clients,
+or, with ``ARBITER_DECLARE_TOPOLOGY=false``, only checked (an admin declared it; see
+deploy/rabbitmq)."""
 
 from __future__ import annotations
 

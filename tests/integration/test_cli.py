@@ -1,4 +1,4 @@
-"""The `arbiter` command line of PROTOCOL §5, run as a real process."""
+"""The `arbiter` command line of docs/protocol.md §5, run as a real process."""
 
 from __future__ import annotations
 

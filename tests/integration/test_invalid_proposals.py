@@ -1,5 +1,5 @@
-"""Every INVALID code of PROTOCOL §3: an INVALID outcome, the message in the dead-letter queue,
-nothing written, and the worker keeps serving valid proposals."""
+"""Every INVALID code of docs/protocol.md §3.4: an INVALID outcome, the message in the
+dead-letter queue, nothing written, and the worker keeps serving valid proposals."""
 
 from __future__ import annotations
 
