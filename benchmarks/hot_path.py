@@ -24,8 +24,6 @@ import time
 import uuid
 from typing import Any
 
-from sqlalchemy import event
-
 from schemas import StateType
 from worker.batch import process_batch
 from worker.db.engine import create_engine
@@ -59,12 +57,6 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
     orchestrator = build_orchestrator(settings)
     statements = 0
 
-    def count(*_: object) -> None:
-        nonlocal statements
-        statements += 1
-
-    event.listen(engine.sync_engine, "before_cursor_execute", count)
-
     def decoded(run_id: uuid.UUID, state_type: StateType) -> Decoded:
         result = decode_proposal(
             body(run_id, state_type, state_type is LIFECYCLE[0]),
@@ -77,8 +69,11 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
 
     async def one_batch(run_ids: list[uuid.UUID], state_type: StateType) -> None:
         proposals = [decoded(run_id, state_type) for run_id in run_ids]
+        nonlocal statements
         async with engine.begin() as conn:
-            results = await process_batch(PgStore(conn), orchestrator, proposals)
+            store = PgStore(conn)
+            results = await process_batch(store, orchestrator, proposals)
+        statements += store.statements
         for processed in results:
             assert processed is not None
             assert processed.outcome.status.value == "ACCEPT", processed.outcome

@@ -99,7 +99,6 @@ RUN_KIND_OF = (
     .union_all(sa.select(sa.literal("task_run")).where(tables.task_run.c.id == _RUN_ID))
     .limit(1)
 )
-_TAGS = sa.bindparam("tags", type_=ARRAY(sa.Text))
 
 FIND_PROCESSED = sa.select(*_PROCESSED_COLUMNS).where(_P.c.proposal_id == _PROPOSAL_ID)
 # The outcome and outbox arrive as JSON text and are cast by the server: no second encoding.
@@ -132,11 +131,10 @@ FIND_CACHED = (
     .limit(1)
 )
 INSERT_CACHE_ENTRY = sa.insert(_CACHE)
-LOCK_TAG_LIMITS = (
-    sa.select(_LIMITS.c.tag, _LIMITS.c.concurrency_limit, _LIMITS.c.active_slots)
-    .where(_LIMITS.c.tag == sa.any_(_TAGS))
-    .order_by(_LIMITS.c.tag.collate("C"))
-    .with_for_update()
+# The same lock as plain SQL for the driver: $1 the tags.
+LOCK_TAG_LIMITS_SQL = (
+    f"SELECT tag, concurrency_limit, active_slots FROM {_LIMITS.name}"
+    f' WHERE tag = ANY(CAST($1 AS text[])) ORDER BY tag COLLATE "C" FOR UPDATE'
 )
 SAVE_TAG_LIMIT = (
     sa.update(_LIMITS)
@@ -174,10 +172,10 @@ def _columns(table: sa.Table, *skipped: str) -> list[str]:
 
 def _json(name: str) -> str:
     # JSON text in, parsed by the server: the driver's own JSON codec is not involved.
-    return f"CAST(CAST(:{name} AS text) AS jsonb)"
+    return f"CAST(CAST(${WRITE_BATCH_PARTS.index(name) + 1} AS text) AS jsonb)"
 
 
-def _write_batch() -> sa.TextClause:
+def _write_batch() -> str:
     """Everything a batch writes, in one statement: each table's rows arrive as one JSON
     array (``jsonb_populate_recordset`` types them by the table's columns), each written by
     one data-modifying CTE. New runs are inserted with their final values (an UPDATE could
@@ -224,25 +222,29 @@ def _write_batch() -> sa.TextClause:
         f" FROM jsonb_populate_recordset(NULL::{processed}, {_json('records')})"
         f" ON CONFLICT (proposal_id) DO NOTHING RETURNING proposal_id)",
     ]
-    counts = ", ".join(
-        f"(SELECT count(*) FROM {name}) AS {name}"
-        for name in ("flow_run_new", "flow_run_saved", "task_run_new", "task_run_saved", "recorded")
-    )
-    statement = sa.text("WITH " + ",\n".join(parts) + f"\nSELECT {counts}")
-    return statement.bindparams(*(sa.bindparam(name, type_=sa.Text) for name in WRITE_BATCH_PARTS))
+    counts = ", ".join(f"(SELECT count(*) FROM {name}) AS {name}" for name in WRITE_BATCH_COUNTS)
+    return "WITH " + ",\n".join(parts) + f"\nSELECT {counts}"
 
 
-# The JSON arrays ``WRITE_BATCH`` takes, by bind parameter name.
+# The JSON arrays ``WRITE_BATCH`` takes, in the order of its positional parameters.
 WRITE_BATCH_PARTS = (
     *(f"{kind}_{part}" for kind in KINDS for part in ("new", "saved", "states")),
     "cache",
     "limits",
     "records",
 )
+# The counts ``WRITE_BATCH`` returns, in its columns' order.
+WRITE_BATCH_COUNTS = (
+    "flow_run_new",
+    "flow_run_saved",
+    "task_run_new",
+    "task_run_saved",
+    "recorded",
+)
 WRITE_BATCH = _write_batch()
 
 
-def _read_batch(kind: RunTables, *, skip_locked: bool) -> sa.TextClause:
+def _read_batch(kind: RunTables, *, skip_locked: bool) -> str:
     """A batch's reads in one round trip, as three JSON arrays: its runs of this kind,
     locked in id order (so batches over overlapping runs never deadlock) with their
     current states; the replay records of its proposal ids; and which of the ids it asks
@@ -261,23 +263,19 @@ def _read_batch(kind: RunTables, *, skip_locked: bool) -> sa.TextClause:
     text = f"""WITH locked AS (
   SELECT {", ".join(run_cols)}, r.state_id AS {CURRENT_STATE_ID}, {", ".join(state_cols)}
   FROM {run} r LEFT JOIN {state} s ON s.id = r.state_id
-  WHERE r.id = ANY(CAST(:ids AS uuid[])) ORDER BY r.id {lock})
+  WHERE r.id = ANY(CAST($1 AS uuid[])) ORDER BY r.id {lock})
 SELECT
   (SELECT coalesce(json_agg(locked), '[]') FROM locked) AS runs,
   (SELECT coalesce(json_agg(p), '[]') FROM (
      SELECT proposal_id, body_sha256, status, outcome::text AS outcome_json,
             outbox::text AS outbox_json
-     FROM {_P.name} WHERE proposal_id = ANY(CAST(:proposal_ids AS uuid[]))) p) AS processed,
+     FROM {_P.name} WHERE proposal_id = ANY(CAST($2 AS uuid[]))) p) AS processed,
   (SELECT coalesce(json_agg(k), '[]') FROM (
-     SELECT id, 'flow_run' AS kind FROM {flow} WHERE id = ANY(CAST(:known_ids AS uuid[]))
+     SELECT id, 'flow_run' AS kind FROM {flow} WHERE id = ANY(CAST($3 AS uuid[]))
      UNION ALL
-     SELECT id, 'task_run' AS kind FROM {task} WHERE id = ANY(CAST(:known_ids AS uuid[]))
+     SELECT id, 'task_run' AS kind FROM {task} WHERE id = ANY(CAST($3 AS uuid[]))
    ) k) AS kinds"""
-    return sa.text(text).bindparams(
-        sa.bindparam("ids", type_=ARRAY(sa.Uuid)),
-        sa.bindparam("proposal_ids", type_=ARRAY(sa.Uuid)),
-        sa.bindparam("known_ids", type_=ARRAY(sa.Uuid)),
-    )
+    return text
 
 
 READ_BATCH = {
