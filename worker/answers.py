@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from schemas import ErrorCode
 from worker import headers
+from worker.acks import Acker
 from worker.db.errors import refused_content
 from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
@@ -41,6 +42,7 @@ class Answers:
         publisher: Publisher,
         decode: Callable[[AbstractIncomingMessage], Decoded | Invalid],
         on_settled: Callable[[], None],
+        acker: Acker,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -48,6 +50,7 @@ class Answers:
         self.publisher = publisher
         self.decode = decode
         self.on_settled = on_settled
+        self.acker = acker
 
     async def announce(
         self, message: AbstractIncomingMessage, processed: Processed, started: float
@@ -67,7 +70,7 @@ class Answers:
             why = f"proposal {processed.outcome.proposal_id}: publishing failed"
             await self._requeue(message, why, exc)
             return
-        await message.ack()
+        await self.acker.ack(message)
         self.on_settled()
         seconds = time.perf_counter() - started
         self.metrics.settled(processed.outcome, replayed=processed.replayed, seconds=seconds)
@@ -142,7 +145,7 @@ class Answers:
             why = f"proposal {identity.proposal_id}: giving up failed"
             await self._requeue(message, why, exc)
             return
-        await message.ack()
+        await self.acker.ack(message)
         self.on_settled()
         self.metrics.dead_lettered.labels(ErrorCode.DELIVERY_LIMIT.value).inc()
         self.metrics.settled(outcome, replayed=False, seconds=0.0)
@@ -169,7 +172,7 @@ class Answers:
         self.metrics.requeued.inc()
         self.on_settled()
         with contextlib.suppress(Exception):
-            await message.nack(requeue=True)
+            await self.acker.nack(message, requeue=True)
 
     async def refuse(self, message: AbstractIncomingMessage, invalid: Invalid) -> None:
         """INVALID: publish the outcome, dead-letter a copy with the reason, ack.
@@ -180,7 +183,7 @@ class Answers:
         outcome = invalid_outcome(invalid)
         await self.publisher.outcome(message, outcome)
         await self.publisher.dead_letter(message, invalid.code.value, invalid.message)
-        await message.ack()
+        await self.acker.ack(message)
         self.on_settled()
         self.metrics.dead_lettered.labels(invalid.code.value).inc()
         self.metrics.refused(outcome, invalid.code.value)

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from rules.engine import Orchestrator
+from worker.acks import Acker
 from worker.answers import Answers, describe
 from worker.batch import RuleFailed, process_batch
 from worker.db.store import PgStore, is_transient
@@ -69,6 +70,7 @@ class Consumer:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._batches: set[asyncio.Task[None]] = set()
         self._unsettled = 0  # delivered and not yet acked or given back
+        self.acker = Acker()
         self._dispatcher: asyncio.Task[None] | None = None
         self._batch_finished: asyncio.Future[None] | None = None  # set while a batch fills
         self._topology: Topology | None = None
@@ -96,6 +98,7 @@ class Consumer:
             publisher,
             self._decode,
             self._settled,
+            self.acker,
         )
         self._dispatcher = asyncio.create_task(self._dispatch())
         self._consumer_tag = await self._topology.proposals_queue.consume(self._on_delivery)
@@ -133,6 +136,7 @@ class Consumer:
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         self._unsettled += 1
+        self.acker.delivered(message)
         self.metrics.in_flight.inc()
         self._inbox.put_nowait(message)
 

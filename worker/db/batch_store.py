@@ -51,16 +51,26 @@ class _Pending:
     records: list[str] = field(default_factory=list)  # JSON objects, ready to send
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    return value.astimezone(dt.UTC)
+
+
+def _interval(value: dt.timedelta) -> str:
+    return f"{value.total_seconds()} seconds"
+
+
+# Values ``jsonb_populate_recordset`` would misread, by exact type (a dict lookup per value
+# is the cheapest test: the flush serialises every column of every row of a batch).
+_CONVERT: dict[type, Any] = {dt.datetime: _utc, dt.timedelta: _interval}
+
+
 def _row(values: dict[str, Any]) -> str:
     """One row as the JSON object ``jsonb_populate_recordset`` reads: an interval as text,
     and times in UTC (PostgreSQL reads offsets up to 15:59 only; Python allows 23:59)."""
-    row = {}
-    for name, value in values.items():
-        if isinstance(value, dt.datetime):
-            value = value.astimezone(dt.UTC)
-        elif isinstance(value, dt.timedelta):
-            value = f"{value.total_seconds()} seconds"
-        row[name] = value
+    row = {
+        name: value if (convert := _CONVERT.get(type(value))) is None else convert(value)
+        for name, value in values.items()
+    }
     return pydantic_core.to_json(row).decode()
 
 
