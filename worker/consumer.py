@@ -22,9 +22,16 @@ import time
 from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiormq.exceptions import AMQPConnectionError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
 
 from rules.engine import Orchestrator
 from worker.acks import Acker
@@ -41,6 +48,7 @@ from worker.unit_of_work import Processed, purge_cutoff
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_S = 600.0
+STARTUP_RETRY_S = 60.0  # a broker connection lost while starting: how long to keep trying
 OUTAGE_PROBE_TIMEOUT_S = 2.0
 OUTAGE_FIRST_PROBE_S = 0.5
 OUTAGE_MAX_PROBE_S = 5.0
@@ -82,15 +90,31 @@ class Consumer:
         assert self._answers is not None, "start() first"
         return self._answers
 
+    def _lost_connection(self, exc: BaseException) -> bool:
+        return isinstance(exc, AMQPConnectionError | ConnectionError) or (
+            isinstance(exc, RuntimeError) and self.connection.is_closed
+        )
+
     @property
     def unsettled(self) -> int:
         return self._unsettled
 
     async def start(self) -> None:
-        channel = await self.connection.channel(publisher_confirms=True)
-        await channel.set_qos(prefetch_count=self.settings.prefetch)
-        self._topology = await declare_topology(channel, self.settings)
-        publisher = Publisher(self.settings, self._topology)
+        """Open the channel and find the topology, through a connection lost meanwhile (the
+        robust connection is reconnecting: a new try waits for it), then consume."""
+        retrying = AsyncRetrying(
+            stop=stop_after_delay(STARTUP_RETRY_S),
+            wait=wait_random_exponential(multiplier=0.2, max=5),
+            retry=retry_if_exception(self._lost_connection),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                channel = await self.connection.channel(publisher_confirms=True)
+                await channel.set_qos(prefetch_count=self.settings.prefetch)
+                topology = await declare_topology(channel, self.settings)
+        self._topology = topology
+        publisher = Publisher(self.settings, topology)
         self._answers = Answers(
             self.settings,
             self.engine,
@@ -101,7 +125,7 @@ class Consumer:
             self.acker,
         )
         self._dispatcher = asyncio.create_task(self._dispatch())
-        self._consumer_tag = await self._topology.proposals_queue.consume(self._on_delivery)
+        self._consumer_tag = await topology.proposals_queue.consume(self._on_delivery)
         log.info(
             "consuming %s (prefetch %d, %d batches of up to %d at once)",
             self.settings.proposals_queue,

@@ -1,0 +1,88 @@
+"""A broker connection lost while the worker starts: it tries again instead of exiting."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from aio_pika.abc import AbstractRobustConnection
+from aiormq.exceptions import AMQPConnectionError
+
+from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from worker.client import ArbiterClient
+from worker.consumer import Consumer
+from worker.metrics import WorkerMetrics
+from worker.runtime import build_runtime
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+class CutWhileOpening:
+    """The real robust connection, except that its first channels fail as if the TCP
+    connection had just been cut under them."""
+
+    def __init__(self, connection: AbstractRobustConnection, failures: int) -> None:
+        self._connection = connection
+        self.failures = failures
+
+    async def channel(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise AMQPConnectionError("Server connection unexpectedly closed")
+        return await self._connection.channel(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._connection, name)
+
+
+async def test_a_connection_lost_while_starting_is_retried_and_the_worker_serves(
+    settings: Settings,
+) -> None:
+    async with build_runtime(settings) as runtime:
+        flaky = CutWhileOpening(runtime.connection, failures=2)
+        consumer = Consumer(
+            settings,
+            runtime.engine,
+            runtime.orchestrator,
+            flaky,  # type: ignore[arg-type]
+            WorkerMetrics(),
+        )
+        await consumer.start()
+        assert flaky.failures == 0
+        try:
+            async with ArbiterClient.connect(settings=settings) as client:
+                outcome = await client.propose(
+                    "flow_run",
+                    uuid.uuid4(),
+                    ProposedState(type=StateType.SCHEDULED),
+                    run=FlowRunSpec(name="n", flow_name="f"),
+                )
+            assert outcome.status is OutcomeStatus.ACCEPT
+        finally:
+            await consumer.drain()
+
+
+async def test_a_fault_that_is_not_a_lost_connection_is_not_retried(
+    settings: Settings,
+) -> None:
+    """A bug or a refusal shows at once; only a lost connection is worth waiting out."""
+
+    class Refusing(CutWhileOpening):
+        async def channel(self, *args: Any, **kwargs: Any) -> Any:
+            self.failures += 1
+            raise ValueError("not a connection fault")
+
+    async with build_runtime(settings) as runtime:
+        refusing = Refusing(runtime.connection, failures=0)
+        consumer = Consumer(
+            settings,
+            runtime.engine,
+            runtime.orchestrator,
+            refusing,  # type: ignore[arg-type]
+            WorkerMetrics(),
+        )
+        with pytest.raises(ValueError, match="not a connection fault"):
+            await consumer.start()
+        assert refusing.failures == 1
