@@ -89,7 +89,7 @@ def _run_values(kind: sql.RunTables, run: FlowRun | TaskRun) -> dict[str, Any]:
 def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[str, Any]:
     return {
         "id": state.id,
-        kind.state_run_id.name: run_id,
+        str(kind.state_run_id.name): run_id,
         "type": state.type.value,
         "name": state.name,
         "timestamp": state.timestamp,
