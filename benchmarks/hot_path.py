@@ -28,7 +28,7 @@ from schemas import StateType
 from worker.batch import process_batch
 from worker.db.engine import create_engine
 from worker.db.migrate import upgrade_async
-from worker.db.store import PgStore
+from worker.db.transaction import store_transaction
 from worker.decode import Decoded, decode_proposal
 from worker.devservices import provide_services
 from worker.runtime import build_orchestrator
@@ -70,8 +70,7 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
     async def one_batch(run_ids: list[uuid.UUID], state_type: StateType) -> None:
         proposals = [decoded(run_id, state_type) for run_id in run_ids]
         nonlocal statements
-        async with engine.begin() as conn:
-            store = PgStore(conn)
+        async with store_transaction(engine) as store:
             results = await process_batch(store, orchestrator, proposals)
         statements += store.statements
         for processed in results:

@@ -38,6 +38,7 @@ from worker.acks import Acker
 from worker.answers import Answers, describe
 from worker.batch import RuleFailed, process_batch
 from worker.db.store import PgStore, is_transient
+from worker.db.transaction import store_transaction
 from worker.decode import Decoded, Invalid, decode_proposal
 from worker.metrics import WorkerMetrics
 from worker.publisher import Publisher
@@ -333,8 +334,7 @@ class Consumer:
         while True:
             store: PgStore | None = None
             try:
-                async with self.engine.begin() as conn:
-                    store = PgStore(conn)
+                async with store_transaction(self.engine) as store:
                     results = await process_batch(store, self.orchestrator, batch, aborts)
                 self.metrics.batch_size.observe(len(batch))
                 return results

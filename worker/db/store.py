@@ -108,9 +108,11 @@ class PgStore:
     Not safe for concurrent use: one connection runs one statement at a time.
     """
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(
+        self, connection: AsyncConnection, *, driver: asyncpg.Connection | None = None
+    ) -> None:
         self._conn = connection
-        self._driver: asyncpg.Connection | None = None
+        self._driver = driver  # the asyncpg connection under ``connection``, once known
         self.statements = 0  # sent so far: the figure benchmarks divide by proposals
 
     async def _fetch(self, query: str, *args: Any) -> Sequence[Any]:
@@ -132,8 +134,13 @@ class PgStore:
                 return result.all()
             return await self._driver.fetch(query, *args)
         except Exception as exc:
-            if self._driver is not None and self._driver.is_closed():
+            if self._driver is not None and (
+                self._driver.is_closed() or isinstance(exc, asyncpg.InternalClientError)
+            ):
+                # Gone, or its protocol state lost (a backend terminated while the
+                # connection sat idle in the transaction): retry on a new connection.
                 await self._conn.invalidate(exc)
+                raise StoreError(f"database connection lost: {exc!r}", retryable=True) from exc
             error = translate_db_error(exc)
             if error is None:
                 raise
