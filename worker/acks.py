@@ -25,6 +25,7 @@ __all__ = ["Acker"]
 class _Channel:
     """One channel's deliveries: tags are per channel and increase with each delivery."""
 
+    key: int
     outstanding: set[int] = field(default_factory=set)  # delivered, not yet acked or nacked
     ready: dict[int, tuple[AbstractIncomingMessage, asyncio.Future[None]]] = field(
         default_factory=dict
@@ -40,19 +41,28 @@ class Acker:
         self._flushes: set[asyncio.Task[None]] = set()
         self.frames = 0  # acks and multiple acks sent: what the coalescing saves shows here
 
-    def _channel(self, message: AbstractIncomingMessage) -> _Channel:
-        return self._channels.setdefault(id(message.channel), _Channel())
+    @staticmethod
+    def _key(message: AbstractIncomingMessage) -> int | None:
+        """The delivery's channel, or None once it is closed (aio-pika then refuses even to
+        name it; an ack or nack on it would fail anyway)."""
+        try:
+            return id(message.channel)
+        except Exception:
+            return None
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """A delivery arrived: until it is settled, no multiple ack may cover it."""
-        if message.delivery_tag is not None:
-            self._channel(message).outstanding.add(message.delivery_tag)
+        key = self._key(message)
+        if message.delivery_tag is not None and key is not None:
+            channel = self._channels.setdefault(key, _Channel(key))
+            channel.outstanding.add(message.delivery_tag)
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
         """Ack this delivery, with the others acked in the same turn where safe; returns once
         its ack is written (or raises what writing it raised)."""
         tag = message.delivery_tag
-        channel = self._channels.get(id(message.channel))
+        key = self._key(message)
+        channel = self._channels.get(key) if key is not None else None
         if tag is None or channel is None or tag not in channel.outstanding:
             await message.ack()  # not tracked (delivered before the acker knew): plainly
             self.frames += 1
@@ -61,26 +71,27 @@ class Acker:
         channel.ready[tag] = (message, done)
         if not channel.flushing:
             channel.flushing = True
-            asyncio.get_running_loop().call_soon(self._start_flush, message)
+            asyncio.get_running_loop().call_soon(self._start_flush, channel)
         await done
 
     async def nack(self, message: AbstractIncomingMessage, *, requeue: bool) -> None:
         """Give the delivery back now; it stays outstanding until the nack is written."""
+        key = self._key(message)
         try:
             await message.nack(requeue=requeue)
         finally:
-            self._forget(message)
+            channel = self._channels.get(key) if key is not None else None
+            if channel is not None and message.delivery_tag is not None:
+                self._forget(channel, message.delivery_tag)
 
-    def _forget(self, message: AbstractIncomingMessage) -> None:
-        key = id(message.channel)
-        channel = self._channels.get(key)
-        if channel is not None and message.delivery_tag is not None:
-            channel.outstanding.discard(message.delivery_tag)
-            if not channel.outstanding and not channel.ready:
-                del self._channels[key]
+    def _forget(self, channel: _Channel, tag: int) -> None:
+        channel.outstanding.discard(tag)
+        idle = not channel.outstanding and not channel.ready
+        if idle and self._channels.get(channel.key) is channel:
+            del self._channels[channel.key]
 
-    def _start_flush(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.get_running_loop().create_task(self._flush(self._channel(message)))
+    def _start_flush(self, channel: _Channel) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush(channel))
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
@@ -106,8 +117,8 @@ class Acker:
                         error = exc
                     self.frames += 1
                     for tag in tags:
-                        message, done = ready.pop(tag)
-                        self._forget(message)
+                        _, done = ready.pop(tag)
+                        self._forget(channel, tag)
                         if done.done():
                             continue
                         if error is None:

@@ -17,22 +17,30 @@ class Wire:
     def __init__(self) -> None:
         self.frames: list[tuple[str, int, bool]] = []
         self.fail_acks = False
+        self.closed = False
 
 
 class FakeMessage:
     def __init__(self, channel: Wire, tag: int) -> None:
-        self.channel = channel
+        self._channel = channel
         self.delivery_tag = tag
+
+    @property
+    def channel(self) -> Wire:
+        """As aio-pika's: naming a closed channel raises."""
+        if self._channel.closed:
+            raise ConnectionError("channel closed")
+        return self._channel
 
     async def ack(self, multiple: bool = False) -> None:
         await asyncio.sleep(0)  # a write takes a turn of the loop
-        if self.channel.fail_acks:
+        if self._channel.fail_acks or self._channel.closed:
             raise ConnectionError("channel closed")
-        self.channel.frames.append(("ack", self.delivery_tag, multiple))
+        self._channel.frames.append(("ack", self.delivery_tag, multiple))
 
     async def nack(self, requeue: bool = True) -> None:
         await asyncio.sleep(0)
-        self.channel.frames.append(("nack", self.delivery_tag, requeue))
+        self._channel.frames.append(("nack", self.delivery_tag, requeue))
 
 
 def deliver(acker: Acker, wire: Wire, *tags: int) -> list[AbstractIncomingMessage]:
@@ -81,9 +89,7 @@ async def test_acks_below_an_outstanding_delivery_coalesce_up_to_it() -> None:
 async def test_a_delivery_being_nacked_is_never_covered_by_a_multiple_ack() -> None:
     acker, wire = Acker(), Wire()
     first, second, third = deliver(acker, wire, 1, 2, 3)
-    await asyncio.gather(
-        acker.nack(second, requeue=True), acker.ack(first), acker.ack(third)
-    )
+    await asyncio.gather(acker.nack(second, requeue=True), acker.ack(first), acker.ack(third))
     assert ("nack", 2, True) in wire.frames
     for kind, tag, multiple in wire.frames:
         if kind == "ack" and multiple:
@@ -149,3 +155,14 @@ async def test_every_tag_is_settled_exactly_once_whatever_the_order(order: list[
     assert acked(wire) == {1, 2, 3, 4, 5}
     singles = [tag for kind, tag, multiple in wire.frames if not multiple]
     assert len(singles) == len(set(singles))
+
+
+async def test_a_channel_closed_before_the_flush_fails_the_acks_instead_of_hanging() -> None:
+    """The flush never names a message's channel: aio-pika raises once it is closed."""
+    acker, wire = Acker(), Wire()
+    messages = deliver(acker, wire, 1, 2)
+    acks = [asyncio.create_task(acker.ack(m)) for m in messages]
+    await asyncio.sleep(0)  # both are waiting for the flush
+    wire.closed = True
+    results = await asyncio.wait_for(asyncio.gather(*acks, return_exceptions=True), 1)
+    assert all(isinstance(r, ConnectionError) for r in results)
