@@ -22,8 +22,9 @@ from rules.store import TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 from worker.db import statements as sql
+from worker.db.rows import run_values, state_values
 from worker.db.storable import unstorable
-from worker.db.store import BatchRows, PgStore, _run_values, _state_values
+from worker.db.store import BatchRows, PgStore
 
 __all__ = ["BatchStore", "RunKey"]
 
@@ -148,7 +149,7 @@ class BatchStore:
     # -- states --------------------------------------------------------------------------------
 
     async def insert_state(self, kind: RunKind, run: FlowRun | TaskRun, state: State) -> None:
-        values = _state_values(sql.KINDS[kind], run.id, state)
+        values = state_values(sql.KINDS[kind], run.id, state)
         refused = unstorable(
             [values["name"], values["message"], values["state_details"], values["data"]]
         )
@@ -228,12 +229,12 @@ class BatchStore:
         rows = BatchRows()
         for kind in _KINDS:
             new = [
-                _row(_run_values(sql.KINDS[kind], run))
+                _row(run_values(sql.KINDS[kind], run))
                 for key, run in self.runs.items()
                 if key[0] == kind and key in self.new
             ]
             saved = [
-                _row(_run_values(sql.KINDS[kind], run))
+                _row(run_values(sql.KINDS[kind], run))
                 for key, run in pending.runs.items()
                 if key[0] == kind and key not in self.new
             ]

@@ -37,6 +37,14 @@ from worker.db import statements as sql
 from worker.db import tables
 from worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
 from worker.db.errors import is_transient, translate_db_error
+from worker.db.rows import (
+    processed_from,
+    run_from,
+    run_values,
+    state_from,
+    state_values,
+    tag_limit_from,
+)
 from worker.db.storable import unstorable
 
 __all__ = [
@@ -47,56 +55,6 @@ __all__ = [
     "is_transient",
     "translate_db_error",
 ]
-
-
-# --- rows <-> models --------------------------------------------------------------------------
-
-
-def _state_from(row: Mapping[Any, Any], prefix: str = "") -> State:
-    return State.model_validate({name: row[prefix + name] for name in sql.STATE_FIELDS})
-
-
-def _run_from(kind: sql.RunTables, row: Mapping[Any, Any]) -> FlowRun | TaskRun:
-    values = {name: row[name] for name in kind.fields}
-    if row[sql.STATE_PREFIX + "id"] is not None:
-        values["state"] = _state_from(row, sql.STATE_PREFIX)
-    return kind.model.model_validate(values)
-
-
-def _processed_from(row: RowMapping) -> ProcessedProposal | None:
-    """The processed record in a row (None where a LEFT JOIN found none)."""
-    prefix = sql.PROCESSED_PREFIX
-    if row[prefix + "status"] is None:
-        return None
-    return ProcessedProposal(
-        body_sha256=row[prefix + "body_sha256"],
-        status=row[prefix + "status"],
-        outcome_json=row[prefix + "outcome_json"],
-        outbox_json=row[prefix + "outbox_json"],
-    )
-
-
-def _run_values(kind: sql.RunTables, run: FlowRun | TaskRun) -> dict[str, Any]:
-    """Column values of a run; JSON columns get JSON-native values (no sets, no UUIDs)."""
-    values = {name: getattr(run, name) for name in kind.fields}
-    values["tags"] = list(run.tags)
-    values["empirical_policy"] = run.empirical_policy.model_dump(mode="json")
-    values["state_type"] = run.state_type.value if run.state_type is not None else None
-    values["state_id"] = run.state_id
-    return values
-
-
-def _state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[str, Any]:
-    return {
-        "id": state.id,
-        str(kind.state_run_id.name): run_id,
-        "type": state.type.value,
-        "name": state.name,
-        "timestamp": state.timestamp,
-        "message": state.message,
-        "state_details": state.state_details.model_dump(mode="json"),
-        "data": state.data,
-    }
 
 
 # --- the store --------------------------------------------------------------------------------
@@ -176,7 +134,7 @@ class PgStore:
             row = await self._locked_row(kind, params)
         else:
             row = (await self._execute(sql.BY_KIND[kind]["read"], params)).mappings().first()
-        return _run_from(k, row) if row is not None else None
+        return run_from(k, row) if row is not None else None
 
     async def _locked_row(self, kind: RunKind, params: dict[str, Any]) -> RowMapping | None:
         # One round trip: lock the run row and read it joined with its current state. If the
@@ -230,13 +188,13 @@ class PgStore:
         so the row never points at a missing state.
         """
         k = sql.KINDS[kind]
-        await self._execute(sa.insert(k.run).values(_run_values(k, run)))
+        await self._execute(sa.insert(k.run).values(run_values(k, run)))
         if run.state is not None:
             await self.insert_state(kind, run, run.state)
 
     async def save_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
         """Write every column of the run, the current state's id included (one UPDATE)."""
-        values = _run_values(sql.KINDS[kind], run)
+        values = run_values(sql.KINDS[kind], run)
         del values["id"]
         await self._save_run_now(kind, run.id, values)
 
@@ -250,7 +208,7 @@ class PgStore:
         rules choose for an invalid state could not be recorded.
         """
         k = sql.KINDS[kind]
-        values = _state_values(k, run.id, state)
+        values = state_values(k, run.id, state)
         refused = unstorable(
             [values["name"], values["message"], values["state_details"], values["data"]]
         )
@@ -267,7 +225,7 @@ class PgStore:
             .order_by(k.state.c.seq)
         )
         rows = (await self._execute(statement)).mappings().all()
-        return [_state_from(row) for row in rows]
+        return [state_from(row) for row in rows]
 
     async def flow_state_timestamp_taken(self, run_id: uuid.UUID, timestamp: dt.datetime) -> bool:
         params = {"run_id": run_id, "timestamp": timestamp}
@@ -279,7 +237,7 @@ class PgStore:
         """The newest (by ``created``, then insertion) unexpired cache entry's COMPLETED state."""
         params = {"cache_key": cache_key, "now": now}
         row = (await self._execute(sql.FIND_CACHED, params)).mappings().first()
-        return _state_from(row) if row is not None else None
+        return state_from(row) if row is not None else None
 
     async def insert_cache_entry(
         self, cache_key: str, expiration: dt.datetime | None, state_id: uuid.UUID
@@ -327,14 +285,14 @@ class PgStore:
         statement = sa.select(c.c.tag, c.c.concurrency_limit, c.c.active_slots).order_by(
             c.c.tag.collate("C")
         )
-        return [_tag_limit(row) for row in (await self._execute(statement)).mappings()]
+        return [tag_limit_from(row) for row in (await self._execute(statement)).mappings()]
 
     # -- processed proposals -------------------------------------------------------------------
 
     async def find_processed(self, proposal_id: uuid.UUID) -> ProcessedProposal | None:
         params = {"proposal_id": proposal_id}
         row = (await self._execute(sql.FIND_PROCESSED, params)).mappings().first()
-        return _processed_from(row) if row is not None else None
+        return processed_from(row) if row is not None else None
 
     # -- batches -------------------------------------------------------------------------------
 
@@ -366,7 +324,7 @@ class PgStore:
         stale = []
         for values in runs:
             if values[sql.CURRENT_STATE_ID] == values[sql.STATE_PREFIX + "id"]:
-                run = _run_from(k, values)
+                run = run_from(k, values)
                 found.runs[run.id] = run
             else:
                 stale.append(uuid.UUID(values["id"]))
@@ -389,7 +347,7 @@ class PgStore:
         """The runs with their current states, without a lock."""
         k = sql.KINDS[kind]
         rows = await self._execute(sql.BATCH_BY_KIND[kind]["read_many"], {"ids": run_ids})
-        return {row["id"]: _run_from(k, row) for row in rows.mappings()}
+        return {row["id"]: run_from(k, row) for row in rows.mappings()}
 
     async def write_batch(self, rows: BatchRows) -> None:
         """Everything a batch writes, in one statement (``statements.WRITE_BATCH``).
@@ -414,9 +372,3 @@ class PgStore:
         p = tables.processed_proposal
         statement = sa.delete(p).where(p.c.processed_at < older_than)
         return (await self._execute(statement)).rowcount
-
-
-def _tag_limit(row: RowMapping) -> TagLimit:
-    return TagLimit(
-        tag=row["tag"], limit=row["concurrency_limit"], active_slots=list(row["active_slots"])
-    )
