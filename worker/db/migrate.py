@@ -17,7 +17,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.db.engine import APPLICATION_NAME, asyncpg_url
+from worker.db.engine import APPLICATION_NAME, asyncpg_url, connect_options
 
 __all__ = ["MIGRATIONS_DIR", "MIGRATION_LOCK_KEY", "alembic_config", "upgrade", "upgrade_async"]
 
@@ -56,10 +56,14 @@ async def upgrade_async(database_url: str, revision: str = "head") -> None:
     failed migration leaves no half-built schema.
     """
     config = alembic_config(database_url)
+    url, tls = connect_options(database_url)
     engine = create_async_engine(
-        asyncpg_url(database_url),
+        url,
         poolclass=pool.NullPool,
-        connect_args={"server_settings": {"application_name": f"{APPLICATION_NAME}-migrate"}},
+        connect_args={
+            "server_settings": {"application_name": f"{APPLICATION_NAME}-migrate"},
+            **tls,
+        },
     )
     try:
         async with engine.begin() as connection:
