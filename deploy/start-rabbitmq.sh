@@ -13,7 +13,8 @@
 #   RMQ_USER/RMQ_PASS (default arbiter/arbiter), RMQ_WAIT (boot timeout in s, default 90),
 #   RMQ_PLUGINS (comma/space separated, default none; rabbitmq_management listens on
 #   RMQ_MGMT_PORT, default port+10000), RMQ_EPMD_PORT (default port-1303, i.e. 4370 for 5673),
-#   RMQ_BIN (default /usr/lib/rabbitmq/bin), TMPDIR.
+#   RMQ_BIN (default /usr/lib/rabbitmq/bin), TMPDIR, RMQ_CONF_EXTRA (lines appended to the
+#   node's rabbitmq.conf, e.g. a TLS listener and its ssl_options).
 # Ports: AMQP = port, Erlang distribution = port+20000, epmd = one private epmd per node.
 set -euo pipefail
 
@@ -188,6 +189,7 @@ read -ra plugins <<<"${RMQ_PLUGINS//,/ }"
         echo "management.tcp.port = $MGMT_PORT"
         echo "management.tcp.ip = $HOST"
     fi
+    if [ -n "${RMQ_CONF_EXTRA:-}" ]; then printf '%s\n' "$RMQ_CONF_EXTRA"; fi
 } >"$DIR/rabbitmq.conf"
 chmod 600 "$DIR/rabbitmq.conf"
 

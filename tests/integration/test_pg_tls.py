@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import sqlalchemy as sa
 
+from tests.fixtures.certs import make_certificates
 from worker.db.engine import connect_options, create_engine
 from worker.db.migrate import upgrade
 
@@ -42,32 +43,6 @@ class TlsServer:
         return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_certificates(directory: Path) -> None:
-    """A CA; a server certificate for 127.0.0.1 only (not "localhost"); a client
-    certificate for CERT_USER; and a second CA that signed none of them."""
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", f"/CN=arbiter test {ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.pem",
-                cwd=directory)  # fmt: skip
-    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, subject, ext in (
-        ("server", "/CN=127.0.0.1", "san.ext"),
-        ("client", f"/CN={CERT_USER}", None),
-    ):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
-        extra = ["-extfile", ext] if ext else []
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *extra,
-                cwd=directory)  # fmt: skip
-    for key in directory.glob("*.key"):
-        key.chmod(0o600)
-
-
 @pytest.fixture(scope="module")
 def tls_server() -> Iterator[TlsServer]:
     started = subprocess.run(
@@ -86,7 +61,7 @@ def tls_server() -> Iterator[TlsServer]:
         # temporary directories are private to the user running the tests).
         certs = Path(exports["PG_DIR"]) / "certs"
         certs.mkdir()
-        make_certificates(certs)
+        make_certificates(certs, client=CERT_USER)
         # The server reads its key as the user it runs as, with nobody else able to.
         owner = data.stat()
         for file in ("server.key", "server.pem", "ca.pem"):
