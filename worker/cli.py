@@ -131,6 +131,24 @@ async def _limits(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _sweep(settings: Settings) -> int:
+    """One pass of the background sweeps by hand; prints what each transitioned, as JSON."""
+    from worker.runtime import build_runtime
+    from worker.sweepers import Sweeper
+    from worker.topology import TopologyMissing
+
+    async with build_runtime(settings) as runtime:
+        sweeper = Sweeper(settings, runtime.engine, runtime.orchestrator, runtime.connection)
+        try:
+            await sweeper.start()
+        except TopologyMissing as exc:
+            raise ServiceError(str(exc)) from None
+        swept = await sweeper.sweep_once()
+        swept["purged_proposals"] = await sweeper.purge()
+    print(json.dumps(swept))
+    return 0
+
+
 def _non_negative(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -159,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         "show", help="the stored outcome and outbox of a proposal id, as JSON"
     )
     shown.add_argument("proposal_id")
+    commands.add_parser(
+        "sweep", help="one pass of the background sweeps (late runs, expired pauses, cleanup)"
+    )
     limits = commands.add_parser("limits", help="tag concurrency limits").add_subparsers(
         dest="limits_command", required=True
     )
@@ -196,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_worker(settings))
         if args.command == "runs":
             return asyncio.run(_runs_show(settings, args.run_id, args.json))
+        if args.command == "sweep":
+            return asyncio.run(_sweep(settings))
         if args.command == "proposals":
             return asyncio.run(_proposals_show(settings, args.proposal_id))
         return asyncio.run(_limits(settings, args))

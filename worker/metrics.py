@@ -93,6 +93,12 @@ class WorkerMetrics:
             ["code"],
             registry=self.registry,
         )
+        self.swept = Counter(
+            "arbiter_swept",
+            "Transitions the worker's own sweeps proposed, by sweep and outcome status.",
+            ["sweep", "status"],
+            registry=self.registry,
+        )
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 

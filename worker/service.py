@@ -12,6 +12,7 @@ from worker.consumer import Consumer
 from worker.health import Health, readiness_problems
 from worker.metrics import WorkerMetrics
 from worker.settings import Settings
+from worker.sweepers import Sweeper
 from worker.topology import TopologyMissing
 
 log = logging.getLogger("worker.consumer")
@@ -65,7 +66,13 @@ async def _consume_until_stopped(
         health.serving(
             functools.partial(readiness_problems, consumer, runtime.connection, runtime.engine)
         )
-        purger = asyncio.create_task(consumer.purge_forever())
+        if settings.sweepers:
+            sweeper = Sweeper(
+                settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
+            )
+            purger = asyncio.create_task(sweeper.run_forever())  # the purge included
+        else:
+            purger = asyncio.create_task(consumer.purge_forever())
         await stop.wait()
         health.stopping()
         log.info("stopping: draining %d in-flight proposals", consumer.unsettled)

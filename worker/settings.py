@@ -51,6 +51,12 @@ class Settings(BaseSettings):
     max_cache_key_length: int = Field(default=2000, ge=1)
     tag_concurrency_slot_wait_s: int = Field(default=10, ge=0)
 
+    # Background sweeps (worker/sweepers.py): late runs, expired pauses, task runs of
+    # cancelled flow runs, retention. Safe on every worker at once.
+    sweepers: bool = True
+    late_after_s: float = Field(default=15.0, ge=0)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Prometheus /metrics on this port when set (0: any free port, logged at start-up).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -367,6 +367,10 @@ class PgStore:
                     retryable=True,
                 )
 
+    async def claim(self, query: str, *args: Any) -> Sequence[Any]:
+        """Rows of a sweep's claim statement (``worker.db.sweeps``), locked in this transaction."""
+        return await self._fetch(query, *args)
+
     async def purge_processed(self, older_than: dt.datetime) -> int:
         """Forget proposals processed before ``older_than``; how many were removed."""
         p = tables.processed_proposal
