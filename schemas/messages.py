@@ -77,6 +77,11 @@ class Proposal(BaseModel):
     state: ProposedState
     force: bool = False
     run: FlowRunSpec | TaskRunSpec | None = None
+    # Server-side WAIT following (docs/protocol.md §4.8): the pool parks the proposal after
+    # a WAIT and re-evaluates it after the delay, answering once with the final outcome.
+    follow_waits: bool = False
+    max_wait_s: float | None = Field(default=None, gt=0)
+    wait_notices: bool = False
 
     @field_validator("run", mode="wrap")
     @classmethod
@@ -126,6 +131,8 @@ class ErrorCode(StrEnum):
 class OutcomeDetails(BaseModel):
     reason: str | None = None
     delay_seconds: int | None = None
+    # A WAIT the pool follows itself: an interim notice, the final outcome comes later.
+    parked: bool = False
 
 
 class RuleEffect(StrEnum):

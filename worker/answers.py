@@ -62,7 +62,8 @@ class Answers:
         try:
             # The outcome first: an executor waiting on it must not depend on the events
             # exchange. If the outbox then fails, the redelivery publishes both again.
-            await self.publisher.outcome(message, processed.outcome)
+            if not processed.silent:
+                await self.publisher.outcome(message, processed.outcome)
             await self.publisher.outbox(processed.outbox)
         except Exception as exc:
             # Committed but not (fully) announced: the redelivery replays the stored

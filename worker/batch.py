@@ -24,6 +24,7 @@ from rules.engine import Orchestrator
 from rules.errors import StoreError
 from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
 from schemas.runs import RunKind
+from worker import parking
 from worker.db.batch_store import BatchStore, RunKey
 from worker.db.store import PgStore, ProcessedProposal
 from worker.decode import Decoded, Invalid
@@ -200,9 +201,11 @@ async def process_batch(
                 message = f"proposal {proposal.proposal_id} was already processed with another body"
                 results.append(_refusal(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message))
             else:
-                results.append(Processed(processed.outcome, processed.outbox, replayed=True))
+                again = Processed(processed.outcome, processed.outbox, replayed=True)
+                results.append(parking.replayed(decoded, again))
             continue
         processed = await _decide(store, orchestrator, index, proposal, aborts.get(index))
+        processed = parking.mark_parked(decoded, processed)
         store.record(
             proposal.proposal_id,
             decoded.body_sha256,
@@ -214,6 +217,7 @@ async def process_batch(
         settled[proposal.proposal_id] = (decoded.body_sha256, processed)
         results.append(processed)
     await store.flush()
+    await parking.park(db, batch, results, orchestrator.clock())
     return results
 
 

@@ -5,8 +5,8 @@ repeated deliveries of one outcome (at-least-once) are dropped. An outcome
 published while the client's connection was down is lost with its private reply
 queue, so after a reconnect the client publishes every unanswered proposal again:
 the same proposal id is processed at most once, so the worker answers a replay. With
-``follow_waits`` the client sleeps through WAIT outcomes and proposes again
-with a fresh proposal id, as a Prefect client would.
+``follow_waits`` the proposal asks the pool to follow its WAITs (docs/protocol.md §4.8):
+the client sends one proposal and receives one final outcome.
 
     async with ArbiterClient.connect(amqp_url) as client:
         outcome = await client.propose("flow_run", run_id, ProposedState(type=StateType.RUNNING))
@@ -30,7 +30,8 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, RunKind, TaskRunSpec
+from schemas import FlowRunSpec, Outcome, ProposedState, RunKind, TaskRunSpec
+from worker.broker import ClosingRobustConnection
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
 
@@ -64,7 +65,9 @@ class ArbiterClient:
         cls, amqp_url: str | None = None, settings: Settings | None = None
     ) -> AsyncIterator[ArbiterClient]:
         settings = settings or Settings()
-        connection = await aio_pika.connect_robust(amqp_url or settings.amqp_url)
+        connection = await aio_pika.connect_robust(
+            amqp_url or settings.amqp_url, connection_class=ClosingRobustConnection
+        )
         client = cls(connection, settings)
         try:
             await client._start()
@@ -108,8 +111,11 @@ class ArbiterClient:
         run: FlowRunSpec | TaskRunSpec | None = None,
         force: bool = False,
         proposal_id: uuid.UUID | None = None,
+        follow_waits: bool = False,
+        max_wait_s: float | None = None,
     ) -> asyncio.Future[Outcome]:
-        """Publish one proposal (confirmed by the broker); the future resolves with its outcome."""
+        """Publish one proposal (confirmed by the broker); the future resolves with its outcome
+        (with ``follow_waits``, the final one: the pool follows the WAITs)."""
         assert self._topology is not None, "use ArbiterClient.connect()"
         proposal_id = proposal_id or uuid.uuid4()
         body: dict[str, object] = {
@@ -122,6 +128,10 @@ class ArbiterClient:
         }
         if run is not None:
             body["run"] = run.model_dump(mode="json")
+        if follow_waits:
+            body["follow_waits"] = True
+            if max_wait_s is not None:
+                body["max_wait_s"] = max_wait_s
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         message = aio_pika.Message(
             body=json.dumps(body, separators=(",", ":")).encode(),
@@ -175,21 +185,25 @@ class ArbiterClient:
         follow_waits: bool = False,
         max_wait_s: float = 60.0,
     ) -> Outcome:
-        """Fire a proposal and await its outcome; optionally sleep through WAITs and retry."""
-        while True:
-            proposal_id = uuid.uuid4()
-            future = await self.publish(
-                run_kind, run_id, state, run=run, force=force, proposal_id=proposal_id
-            )
-            try:
-                outcome = await asyncio.wait_for(future, timeout_s)
-            except TimeoutError:
-                self._pending.pop(proposal_id, None)
-                raise OutcomeTimeoutError(
-                    f"no outcome for a {run_kind} {run_id} proposal within {timeout_s} s"
-                ) from None
-            if not follow_waits or outcome.status is not OutcomeStatus.WAIT:
-                return outcome
-            delay_s = outcome.details.delay_seconds or 0
-            await asyncio.sleep(min(max(delay_s, 0), max_wait_s))
-            run = None  # the run exists now
+        """Fire a proposal and await its outcome. With ``follow_waits`` the pool parks the
+        proposal after a WAIT and answers once, with the final outcome (or, after
+        ``max_wait_s`` in all, the last WAIT): the wait adds to ``timeout_s``."""
+        proposal_id = uuid.uuid4()
+        future = await self.publish(
+            run_kind,
+            run_id,
+            state,
+            run=run,
+            force=force,
+            proposal_id=proposal_id,
+            follow_waits=follow_waits,
+            max_wait_s=max_wait_s if follow_waits else None,
+        )
+        wait_s = timeout_s + (max_wait_s if follow_waits else 0)
+        try:
+            return await asyncio.wait_for(future, wait_s)
+        except TimeoutError:
+            self._pending.pop(proposal_id, None)
+            raise OutcomeTimeoutError(
+                f"no outcome for a {run_kind} {run_id} proposal within {wait_s} s"
+            ) from None

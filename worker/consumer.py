@@ -41,6 +41,7 @@ from worker.db.store import PgStore, is_transient
 from worker.db.transaction import store_transaction
 from worker.decode import Decoded, Invalid, decode_proposal
 from worker.metrics import WorkerMetrics
+from worker.parking import with_reply_route
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
@@ -269,12 +270,16 @@ class Consumer:
             await self._guarded(message, self._conclude(message, decoded, result, started))
 
     def _decode(self, message: AbstractIncomingMessage) -> Decoded | Invalid:
-        return decode_proposal(
+        decoded = decode_proposal(
             message.body,
             content_type=message.content_type,
             message_id=message.message_id,
             max_bytes=self.settings.max_message_bytes,
         )
+        if isinstance(decoded, Decoded) and decoded.proposal.follow_waits:
+            # Kept with the proposal if it is parked: its final outcome goes there.
+            return with_reply_route(decoded, message.reply_to, message.correlation_id)
+        return decoded
 
     async def _guarded(self, message: AbstractIncomingMessage, settling: object) -> None:
         """Run one delivery's settling; a bug in it requeues (or gives up) that delivery."""

@@ -38,6 +38,11 @@ class Invalid:
 class Decoded:
     proposal: Proposal
     body_sha256: str
+    # The delivery's properties, kept for a proposal parked after a WAIT (worker/parking.py).
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    # Set on a parked proposal's re-evaluation: the original proposal id it answers.
+    reevaluates: uuid.UUID | None = None
 
 
 def body_digest(document: object) -> str:

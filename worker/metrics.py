@@ -21,6 +21,9 @@ __all__ = ["WorkerMetrics"]
 # Deliveries settled by one transaction (ARBITER_BATCH_MAX caps it).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
+# A parked proposal's re-evaluation after its due time: a few ms to a missed poll.
+LATENESS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
 # From a fast in-memory decision to a lock wait that hit lock_timeout (10 s default).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -97,6 +100,18 @@ class WorkerMetrics:
             "arbiter_swept",
             "Transitions the worker's own sweeps proposed, by sweep and outcome status.",
             ["sweep", "status"],
+            registry=self.registry,
+        )
+        self.parked_lateness = Histogram(
+            "arbiter_parked_lateness_seconds",
+            "How long after its due time a parked proposal was re-evaluated.",
+            buckets=LATENESS_BUCKETS,
+            registry=self.registry,
+        )
+        self.reevaluated = Counter(
+            "arbiter_parked_answered",
+            "Parked proposals answered with their final outcome, by status.",
+            ["status"],
             registry=self.registry,
         )
         self._server: WSGIServer | None = None

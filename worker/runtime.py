@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from rules.context import RuleSettings
 from rules.engine import Orchestrator, PolicySet, default_policies
 from rules.policy import BaseOrchestrationPolicy
+from worker.broker import ClosingRobustConnection
 from worker.db.engine import create_engine
 from worker.settings import Settings
 
@@ -103,7 +104,10 @@ async def connect_broker(settings: Settings) -> AbstractRobustConnection:
     url = settings.amqp_url
     try:
         return await aio_pika.connect_robust(
-            url, timeout=10, client_properties={"connection_name": f"arbiter-{os.getpid()}"}
+            url,
+            timeout=10,
+            connection_class=ClosingRobustConnection,
+            client_properties={"connection_name": f"arbiter-{os.getpid()}"},
         )
     except Exception as exc:
         reason = str(exc).strip() or type(exc).__name__

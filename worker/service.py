@@ -11,6 +11,7 @@ import signal
 from worker.consumer import Consumer
 from worker.health import Health, readiness_problems
 from worker.metrics import WorkerMetrics
+from worker.reevaluation import Reevaluator
 from worker.settings import Settings
 from worker.sweepers import Sweeper
 from worker.topology import TopologyMissing
@@ -66,6 +67,10 @@ async def _consume_until_stopped(
         health.serving(
             functools.partial(readiness_problems, consumer, runtime.connection, runtime.engine)
         )
+        reevaluator = Reevaluator(
+            settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
+        )
+        parked = asyncio.create_task(reevaluator.run_forever())
         if settings.sweepers:
             sweeper = Sweeper(
                 settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
@@ -87,9 +92,10 @@ async def _consume_until_stopped(
                 settings.shutdown_timeout_s,
                 consumer.unsettled,
             )
-        purger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await purger
+        for task in (purger, parked):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         invalid = metrics.total("arbiter_invalid_proposals")
         log.info(
             "stopped after %d proposals (%d replays, %d invalid, %d requeued)",

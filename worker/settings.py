@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     sweepers: bool = True
     late_after_s: float = Field(default=15.0, ge=0)
     sweep_interval_s: float = Field(default=5.0, gt=0)
+    # Proposals parked after a WAIT (follow_waits): the longest total wait before the last
+    # WAIT is the answer, and the longest pause between looks for newly parked ones.
+    max_wait_s: float = Field(default=600.0, gt=0)
+    parked_poll_s: float = Field(default=1.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Prometheus /metrics on this port when set (0: any free port, logged at start-up).

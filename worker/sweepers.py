@@ -29,16 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractRobustConnection, DeliveryMode
+from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rules.engine import Orchestrator
 from rules.policies import MarkLateRunsPolicy
-from schemas import Outcome, Proposal, ProposedState, StateType
+from schemas import Proposal, ProposedState, StateType
 from schemas.runs import RunKind
 from schemas.states import StateDetails
-from worker import headers
 from worker.batch import RuleFailed, process_batch
 from worker.db import sweeps as sql
 from worker.db.store import PgStore
@@ -46,6 +44,7 @@ from worker.db.transaction import store_transaction
 from worker.decode import Decoded, body_digest
 from worker.metrics import WorkerMetrics
 from worker.publisher import Publisher
+from worker.reevaluation import publish_outcome
 from worker.settings import Settings
 from worker.topology import declare_topology
 from worker.unit_of_work import Processed, purge_cutoff
@@ -230,7 +229,9 @@ class Sweeper:
             try:
                 async with store_transaction(self.engine) as store:
                     cutoff = sweep.cutoff(self.settings, orchestrator.clock())
-                    rows = await store.claim(sweep.claim, cutoff, seen, self.settings.batch_max)
+                    rows = await store.fetch_rows(
+                        sweep.claim, cutoff, seen, self.settings.batch_max
+                    )
                     claimed = [_claimed(row) for row in rows]
                     batch = [_decoded(sweep, row) for row in claimed]
                     if not batch:
@@ -254,22 +255,10 @@ class Sweeper:
         assert self._publisher is not None
         outcome = processed.outcome
         try:
-            await self._publish_outcome(self._publisher, outcome)
+            await publish_outcome(self._publisher, outcome)
             await self._publisher.outbox(processed.outbox)
         except Exception:
             log.exception("sweep outcome %s committed but not published", outcome.proposal_id)
-
-    @staticmethod
-    async def _publish_outcome(publisher: Publisher, outcome: Outcome) -> None:
-        message = aio_pika.Message(
-            body=outcome.model_dump_json().encode(),
-            content_type="application/json",
-            delivery_mode=DeliveryMode.PERSISTENT,
-            message_id=str(outcome.proposal_id),
-            headers={headers.STATUS: outcome.status.value},
-        )
-        exchange = publisher.topology.outcomes_exchange
-        await exchange.publish(message, routing_key=outcome.routing_key())
 
 
 def _claimed(row: Any) -> _Claimed:

@@ -29,6 +29,8 @@ class Processed:
     outbox: list[OutboxMessage] = field(default_factory=list)
     replayed: bool = False
     invalid: Invalid | None = None
+    # Committed, acked, but not published: a parked WAIT its executor wants no notice of.
+    silent: bool = False
 
 
 def replay(known: ProcessedProposal) -> Processed:

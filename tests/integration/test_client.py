@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 async def test_follow_waits_sleeps_through_a_wait_and_proposes_again(
     client: ArbiterClient,
 ) -> None:
-    """RUNNING before the scheduled time is a WAIT; with follow_waits the client sleeps the
-    delay and proposes again (a new proposal id), and gets the ACCEPT."""
+    """RUNNING before the scheduled time is a WAIT; with follow_waits the pool parks the
+    proposal and answers it once it may run: one ACCEPT for the one proposal sent."""
     run_id = uuid.uuid4()
     soon = utcnow() + dt.timedelta(seconds=1.5)
     scheduled = ProposedState(

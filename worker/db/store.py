@@ -367,8 +367,9 @@ class PgStore:
                     retryable=True,
                 )
 
-    async def claim(self, query: str, *args: Any) -> Sequence[Any]:
-        """Rows of a sweep's claim statement (``worker.db.sweeps``), locked in this transaction."""
+    async def fetch_rows(self, query: str, *args: Any) -> Sequence[Any]:
+        """Rows of a prebuilt statement (``worker.db.sweeps``, ``worker.db.parked``) run in
+        this transaction: the sweeps' claims and the parked proposals' bookkeeping."""
         return await self._fetch(query, *args)
 
     async def purge_processed(self, older_than: dt.datetime) -> int:

@@ -129,6 +129,15 @@ task_run_state_cache = sa.Table(
     sa.Index("ix_task_run_state_cache_cache_key", "cache_key", postgresql_using="hash"),
 )
 
+# The sweeps (worker/sweepers.py) look for flow runs in these states only: a small index.
+SWEPT_FLOW_STATES = ("SCHEDULED", "PAUSED", "CANCELLED")
+sa.Index(
+    "ix_flow_run_sweepable",
+    flow_run.c.state_type,
+    flow_run.c.next_scheduled_start_time,
+    postgresql_where=flow_run.c.state_type.in_(SWEPT_FLOW_STATES),
+)
+
 # V1 tag limits (Prefect's ``concurrency_limit``). V2 limits would get their own
 # ``concurrency_limit_v2`` table, as in Prefect, rather than new columns here.
 concurrency_limit = sa.Table(
@@ -157,4 +166,22 @@ processed_proposal = sa.Table(
     sa.Column(
         "processed_at", sa.DateTime(timezone=True), nullable=False, server_default=_NOW, index=True
     ),
+)
+
+# Proposals the pool follows through WAITs (worker/parking.py): parked in the WAIT's own
+# transaction, re-evaluated once due under a derived id; ``answer`` holds the final
+# outcome from its commit until it is published, then the row goes.
+parked_proposal = sa.Table(
+    "parked_proposal",
+    metadata,
+    sa.Column("proposal_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("body_sha256", sa.Text, nullable=False),
+    sa.Column("reply_to", sa.Text, nullable=True),
+    sa.Column("correlation_id", sa.Text, nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("parked_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("answer", JSONB(none_as_null=True), nullable=True),
+    sa.Column("answer_outbox", JSONB(none_as_null=True), nullable=True),
 )
