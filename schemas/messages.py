@@ -33,7 +33,7 @@ SCHEMA_VERSION = 1
 class ProposedState(BaseModel):
     """The state an executor asks for; name and timestamp default on the worker."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: StateType
     name: str | None = None
@@ -68,7 +68,7 @@ class Proposal(BaseModel):
     its strings, and a timestamp is an RFC 3339 string.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     schema_version: Annotated[Literal[1], BeforeValidator(_not_bool_or_float)]
     proposal_id: uuid.UUID

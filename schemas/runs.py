@@ -21,7 +21,7 @@ RunKind = Literal["flow_run", "task_run"]
 class FlowRunPolicy(BaseModel):
     """Prefect's FlowRunPolicy: retry settings plus pause/resume bookkeeping."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retries: int | None = None
     retry_delay: int | None = None
@@ -33,7 +33,7 @@ class FlowRunPolicy(BaseModel):
 class TaskRunPolicy(BaseModel):
     """Prefect's TaskRunPolicy: retries, per-attempt delays and jitter."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     retries: int | None = None
     retry_delay: int | float | list[int] | list[float] | None = None
@@ -52,7 +52,7 @@ class TaskRunPolicy(BaseModel):
 class FlowRunSpec(BaseModel):
     """How an executor describes a flow run it proposes a state for the first time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = ""
     flow_name: str = ""
@@ -68,7 +68,7 @@ class FlowRunSpec(BaseModel):
 class TaskRunSpec(BaseModel):
     """How an executor describes a task run it proposes a state for the first time."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = ""
     flow_run_id: uuid.UUID | None = None

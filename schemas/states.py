@@ -100,7 +100,7 @@ UtcDatetime = Annotated[
 class StateDetails(BaseModel):
     """Prefect's StateDetails; unknown keys are refused so typos surface."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     flow_run_id: uuid.UUID | None = None
     task_run_id: uuid.UUID | None = None
@@ -125,7 +125,7 @@ class StateDetails(BaseModel):
 class State(BaseModel):
     """A state as the engine handles it: always with an id, a name and a timestamp."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: uuid.UUID = Field(default_factory=uuid.uuid4)
     type: StateType

@@ -269,6 +269,24 @@ def test_the_largest_double_and_the_widest_readable_integer_are_kept() -> None:
     assert decoded.proposal.state.data == {"x": [0, 1, 2, [1.7976931348623157e308, 10**4300 - 1]]}
 
 
+@pytest.mark.parametrize("delay", ["[0.5, " + "9" * 400 + "]", "[0.5, " + "9" * 4300 + "]"])
+def test_an_integer_too_large_for_a_float_field_is_refused_not_made_infinite(delay: str) -> None:
+    """A float field given an integer past a double's range would read as infinity, which
+    JSONB cannot store (found by the round-trip property test): a refusal naming the field."""
+    document = body(
+        run_kind="task_run",
+        state={"type": "PENDING"},
+        run={"empirical_policy": {"retry_delay": "@"}},
+    )
+    raw = json.dumps(document).replace('"@"', delay).encode()
+    decoded = decode_proposal(
+        raw, content_type="application/json", message_id=None, max_bytes=10**6
+    )
+    assert isinstance(decoded, Invalid)
+    assert decoded.code is ErrorCode.SCHEMA_VIOLATION
+    assert "run.empirical_policy.retry_delay" in decoded.message
+
+
 def test_a_refused_key_is_named_in_json_escapes() -> None:
     """The path shows a key that is not a plain name as JSON, so a NUL or surrogate in the key
     cannot make the message itself unstorable."""
