@@ -44,6 +44,9 @@ class RuleSettings:
 
     max_cache_key_length: int = 2000
     tag_concurrency_slot_wait_s: int = 10
+    # How long a global-limit slot is leased: renewed by the holder's accepted transitions,
+    # reclaimed once expired (rules.core.global_limits).
+    slot_lease_ttl_s: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from rules.store import TagLimit
+from rules.store import GlobalLimit, TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 
@@ -34,6 +34,7 @@ class InMemoryStore:
     history: dict[uuid.UUID, list[State]] = field(default_factory=dict)
     cache: list[_CacheEntry] = field(default_factory=list)
     tag_limits: dict[str, TagLimit] = field(default_factory=dict)
+    global_limits: dict[str, GlobalLimit] = field(default_factory=dict)
 
     def add_flow_run(self, run: FlowRun) -> FlowRun:
         self.flow_runs[run.id] = run
@@ -94,6 +95,20 @@ class InMemoryStore:
         if limit.tag in self.tag_limits:
             self.tag_limits[limit.tag].active_slots = list(limit.active_slots)
 
+    async def lock_global_limits(self, names: list[str]) -> list[GlobalLimit]:
+        return [
+            limit.copy()
+            for name in sorted(set(names))
+            if (limit := self.global_limits.get(name)) is not None
+        ]
+
+    async def save_global_limit(self, limit: GlobalLimit) -> None:
+        if (existing := self.global_limits.get(limit.name)) is not None:
+            saved = limit.copy()
+            saved.limit, saved.active = existing.limit, existing.active
+            saved.slot_decay_per_second = existing.slot_decay_per_second
+            self.global_limits[limit.name] = saved
+
     async def create_run(self, kind: RunKind, run: FlowRun | TaskRun) -> None:
         await self.save_run(kind, run)
 
@@ -115,3 +130,21 @@ class InMemoryStore:
             TagLimit(tag=t.tag, limit=t.limit, active_slots=list(t.active_slots))
             for t in sorted(self.tag_limits.values(), key=lambda t: t.tag)
         ]
+
+    async def upsert_global_limit(
+        self, name: str, limit: int, *, active: bool = True, slot_decay_per_second: float = 0.0
+    ) -> None:
+        existing = self.global_limits.get(name)
+        if existing is None:
+            self.global_limits[name] = GlobalLimit(
+                name, limit, active, slot_decay_per_second=slot_decay_per_second
+            )
+        else:
+            existing.limit, existing.active = limit, active
+            existing.slot_decay_per_second = slot_decay_per_second
+
+    async def delete_global_limit(self, name: str) -> bool:
+        return self.global_limits.pop(name, None) is not None
+
+    async def list_global_limits(self) -> list[GlobalLimit]:
+        return [self.global_limits[name].copy() for name in sorted(self.global_limits)]

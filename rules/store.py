@@ -5,13 +5,11 @@ PostgreSQL transaction (``worker.db.store``); unit tests use ``rules.memory``.
 Every method runs inside the caller's transaction, so a rolled-back transition
 leaves no trace.
 
-Deployment concurrency and V2 (global) limits are not built yet; they fit this shape
-without changing what exists. Flow runs already carry ``deployment_id``. Deployment
-slots would be one more locked read and write pair, like ``lock_tag_limits`` and
-``save_tag_limit``, on a deployment limit row, plus lease reads and writes. V2 limits
-would get their own methods and their own table (Prefect's ``concurrency_limit_v2``),
-not new fields on ``TagLimit``. Their rules then take the places marked in
-``rules.policies``.
+Global (V2) limits hold their slots under leases (``GlobalLimit.holders``): a slot is a
+holder with an expiry, kept in the limit's own row, so the row lock that serialises the
+claimers also makes ``active slots == leases`` true by construction, and an expired lease
+is reclaimed by whoever next locks the row. Deployment concurrency is not built yet; it
+fits the same shape (a ``deployment:<id>`` global limit).
 """
 
 from __future__ import annotations
@@ -32,6 +30,51 @@ class TagLimit:
     tag: str
     limit: int
     active_slots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Lease:
+    """A slot of a global limit held by a run until ``expires`` (renewed by its transitions)."""
+
+    acquired: dt.datetime
+    expires: dt.datetime
+
+
+@dataclass
+class GlobalLimit:
+    """A named global (V2) concurrency limit, Prefect's ``concurrency_limit_v2``.
+
+    ``holders`` maps a holder (a run id, as text) to its lease; the active slots are the
+    holders. ``denied_slots`` counts refusals, decayed as Prefect decays them.
+    ``avg_slot_occupancy_seconds`` is the moving average of how long a slot was held: it
+    sets how long a refused task is told to wait. ``slot_decay_per_second`` > 0 makes it a
+    rate limit: a slot then frees itself 1 / decay seconds after it was taken.
+    """
+
+    name: str
+    limit: int
+    active: bool = True
+    holders: dict[str, Lease] = field(default_factory=dict)
+    denied_slots: int = 0
+    slot_decay_per_second: float = 0.0
+    avg_slot_occupancy_seconds: float = 2.0
+    updated: dt.datetime | None = None
+
+    @property
+    def active_slots(self) -> int:
+        return len(self.holders)
+
+    def copy(self) -> GlobalLimit:
+        return GlobalLimit(
+            self.name,
+            self.limit,
+            self.active,
+            dict(self.holders),
+            self.denied_slots,
+            self.slot_decay_per_second,
+            self.avg_slot_occupancy_seconds,
+            self.updated,
+        )
 
 
 class Store(Protocol):
@@ -79,6 +122,14 @@ class Store(Protocol):
         """Write back the active slots of a limit read by ``lock_tag_limits``."""
         ...
 
+    async def lock_global_limits(self, names: list[str]) -> list[GlobalLimit]:
+        """The global limits of these names, locked in name order (as ``lock_tag_limits``)."""
+        ...
+
+    async def save_global_limit(self, limit: GlobalLimit) -> None:
+        """Write back the holders and counters of a limit read by ``lock_global_limits``."""
+        ...
+
 
 class AdminStore(Store, Protocol):
     """What the worker, the CLI and tests need beyond orchestration itself."""
@@ -101,4 +152,18 @@ class AdminStore(Store, Protocol):
 
     async def list_tag_limits(self) -> list[TagLimit]:
         """Every limit, by tag."""
+        ...
+
+    async def upsert_global_limit(
+        self, name: str, limit: int, *, active: bool = True, slot_decay_per_second: float = 0.0
+    ) -> None:
+        """Create a global limit or change its settings, keeping the leases already held."""
+        ...
+
+    async def delete_global_limit(self, name: str) -> bool:
+        """Remove a global limit; False when there was none."""
+        ...
+
+    async def list_global_limits(self) -> list[GlobalLimit]:
+        """Every global limit, by name."""
         ...

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import uuid
 from collections.abc import Sequence
@@ -106,17 +107,19 @@ async def _proposals_show(settings: Settings, proposal_id: str) -> int:
 async def _limits(settings: Settings, args: argparse.Namespace) -> int:
     from worker.db.store import PgStore
 
+    if args.globally:
+        return await _global_limits(settings, args)
     async with open_database(settings) as engine, engine.begin() as conn:
         store = PgStore(conn)
         if args.limits_command == "set":
-            await store.upsert_tag_limit(args.tag, args.limit)
-            print(f"limit on tag {args.tag!r} set to {args.limit}")
+            await store.upsert_tag_limit(args.name, args.limit)
+            print(f"limit on tag {args.name!r} set to {args.limit}")
             return 0
         if args.limits_command == "rm":
-            if not await store.delete_tag_limit(args.tag):
-                print(f"arbiter: no limit on tag {args.tag!r}", file=sys.stderr)
+            if not await store.delete_tag_limit(args.name):
+                print(f"arbiter: no limit on tag {args.name!r}", file=sys.stderr)
                 return 1
-            print(f"limit on tag {args.tag!r} removed")
+            print(f"limit on tag {args.name!r} removed")
             return 0
         limits = await store.list_tag_limits()
     if args.json:
@@ -128,6 +131,58 @@ async def _limits(settings: Settings, args: argparse.Namespace) -> int:
         print(f"{'TAG':<30} {'LIMIT':>5} {'ACTIVE':>6}")
         for lim in limits:
             print(f"{lim.tag:<30} {lim.limit:>5} {len(lim.active_slots):>6}")
+    return 0
+
+
+async def _global_limits(settings: Settings, args: argparse.Namespace) -> int:
+    """``limits … --global``: the global (V2) limits, their holders and lease expiries."""
+    from worker.db.store import PgStore
+
+    async with open_database(settings) as engine, engine.begin() as conn:
+        store = PgStore(conn)
+        if args.limits_command == "set":
+            decay = args.slot_decay_per_second
+            await store.upsert_global_limit(
+                args.name, args.limit, active=not args.inactive, slot_decay_per_second=decay
+            )
+            print(f"global limit {args.name!r} set to {args.limit}")
+            return 0
+        if args.limits_command == "rm":
+            if not await store.delete_global_limit(args.name):
+                print(f"arbiter: no global limit {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"global limit {args.name!r} removed")
+            return 0
+        limits = await store.list_global_limits()
+    if args.json:
+        rows = [
+            {
+                "name": lim.name,
+                "limit": lim.limit,
+                "active": lim.active,
+                "active_slots": lim.active_slots,
+                "denied_slots": lim.denied_slots,
+                "slot_decay_per_second": lim.slot_decay_per_second,
+                "avg_slot_occupancy_seconds": lim.avg_slot_occupancy_seconds,
+                "holders": [
+                    {
+                        "holder": holder,
+                        "acquired": lease.acquired.isoformat(),
+                        "expires": lease.expires.isoformat(),
+                    }
+                    for holder, lease in sorted(lim.holders.items())
+                ],
+            }
+            for lim in limits
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'NAME':<30} {'LIMIT':>5} {'ACTIVE':>6} {'DENIED':>6}  ON")
+        for lim in limits:
+            on = "yes" if lim.active else "no"
+            print(
+                f"{lim.name:<30} {lim.limit:>5} {lim.active_slots:>6} {lim.denied_slots:>6}  {on}"
+            )
     return 0
 
 
@@ -147,6 +202,20 @@ async def _sweep(settings: Settings) -> int:
         swept["purged_proposals"] = await sweeper.purge()
     print(json.dumps(swept))
     return 0
+
+
+_GLOBAL_HELP = "a global (V2) limit by name; tasks use those named tag:<tag>"
+_DECAY_HELP = "global: a rate limit, each slot frees itself 1/decay seconds after it is taken"
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0: {text!r}")
+    return value
 
 
 def _non_negative(value: str) -> int:
@@ -180,16 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "sweep", help="one pass of the background sweeps (late runs, expired pauses, cleanup)"
     )
-    limits = commands.add_parser("limits", help="tag concurrency limits").add_subparsers(
-        dest="limits_command", required=True
-    )
-    set_ = limits.add_parser("set", help="create or resize a tag limit")
-    set_.add_argument("tag")
+    limits = commands.add_parser(
+        "limits", help="tag concurrency limits (V1), or with --global the global (V2) limits"
+    ).add_subparsers(dest="limits_command", required=True)
+    set_ = limits.add_parser("set", help="create or resize a limit")
+    set_.add_argument("name", metavar="TAG|NAME")
     set_.add_argument("limit", type=_non_negative)
+    set_.add_argument("--global", dest="globally", action="store_true", help=_GLOBAL_HELP)
+    set_.add_argument("--inactive", action="store_true", help="global: switched off")
+    set_.add_argument(
+        "--slot-decay-per-second", type=_non_negative_float, default=0.0, help=_DECAY_HELP
+    )
     ls = limits.add_parser("ls", help="list limits and the runs holding their slots")
     ls.add_argument("--json", action="store_true")
-    rm = limits.add_parser("rm", help="remove a tag limit")
-    rm.add_argument("tag")
+    ls.add_argument("--global", dest="globally", action="store_true", help=_GLOBAL_HELP)
+    rm = limits.add_parser("rm", help="remove a limit")
+    rm.add_argument("name", metavar="TAG|NAME")
+    rm.add_argument("--global", dest="globally", action="store_true", help=_GLOBAL_HELP)
     return parser
 
 

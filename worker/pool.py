@@ -7,10 +7,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 
 from worker.settings import Settings
+
+# How long ``stop`` lets a worker that is still starting reach its consumer.
+STARTING_GRACE_S = 10.0
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -52,6 +56,14 @@ class WorkerPool:
         self.procs.append(proc)
         return proc
 
+    def _until_started(self, index: int, proc: subprocess.Popen[bytes]) -> None:
+        log = self.log_dir / f"worker-{index}.log"
+        deadline = time.monotonic() + STARTING_GRACE_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            if b"consuming " in log.read_bytes():
+                return
+            time.sleep(0.05)
+
     def metrics_port(self, index: int) -> int | None:
         """Worker ``index`` serves metrics on ``ARBITER_METRICS_PORT`` + ``index``; with 0,
         on a port free now (so the caller knows where to scrape)."""
@@ -65,7 +77,14 @@ class WorkerPool:
         return base + index
 
     def stop(self, timeout_s: float = 30) -> list[int]:
-        """SIGTERM every live worker and collect exit codes (killing stragglers)."""
+        """SIGTERM every live worker and collect exit codes (killing stragglers).
+
+        A worker still importing its modules (about a second here) has no SIGTERM handler
+        yet and would die of the signal: each is given until it consumes (at most
+        ``STARTING_GRACE_S``), so that a pool stopped right after it started still drains.
+        """
+        for index, proc in enumerate(self.procs):
+            self._until_started(index, proc)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)

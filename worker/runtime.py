@@ -71,6 +71,7 @@ def build_orchestrator(settings: Settings) -> Orchestrator:
         settings=RuleSettings(
             max_cache_key_length=settings.max_cache_key_length,
             tag_concurrency_slot_wait_s=settings.tag_concurrency_slot_wait_s,
+            slot_lease_ttl_s=settings.slot_lease_ttl_s,
         ),
     )
 

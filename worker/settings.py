@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     task_policy: str | None = None
     max_cache_key_length: int = Field(default=2000, ge=1)
     tag_concurrency_slot_wait_s: int = Field(default=10, ge=0)
+    # A global-limit slot's lease: renewed by the holder's accepted transitions.
+    slot_lease_ttl_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
 
     # Background sweeps (worker/sweepers.py): late runs, expired pauses, task runs of
     # cancelled flow runs, retention. Safe on every worker at once.

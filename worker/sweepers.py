@@ -32,12 +32,14 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from rules.core import global_limits as v2
 from rules.engine import Orchestrator
 from rules.policies import MarkLateRunsPolicy
 from schemas import Proposal, ProposedState, StateType
 from schemas.runs import RunKind
 from schemas.states import StateDetails
 from worker.batch import RuleFailed, process_batch
+from worker.db import global_limits
 from worker.db import sweeps as sql
 from worker.db.store import PgStore
 from worker.db.transaction import store_transaction
@@ -159,7 +161,34 @@ class Sweeper:
 
     async def sweep_once(self) -> dict[str, int]:
         """One pass of every sweep: how many runs each transitioned (wrote a state for)."""
-        return {sweep.name: await self._sweep(sweep) for sweep in SWEEPS}
+        swept = {sweep.name: await self._sweep(sweep) for sweep in SWEEPS}
+        swept["expired_leases"] = await self.reclaim_expired_leases()
+        return swept
+
+    async def reclaim_expired_leases(self) -> int:
+        """Free the global-limit slots whose lease expired (their holder never came back),
+        for limits nobody is claiming now: a claimer reclaims them itself. The rows are
+        claimed ``FOR UPDATE SKIP LOCKED``, so two sweepers free each slot once."""
+        clock = self._orchestrators[False].clock
+        reclaimed = 0
+        while True:
+            async with store_transaction(self.engine) as store:
+                now = clock()
+                rows = await store.fetch_rows(
+                    global_limits.EXPIRED_LEASES, now, self.settings.batch_max
+                )
+                limits = [global_limits.limit_from(row) for row in rows]
+                freed = 0
+                for limit in limits:
+                    before = limit.active_slots
+                    v2.reclaim_expired(limit, now)
+                    freed += before - limit.active_slots
+                await global_limits.save_many(store, limits)
+            if freed:
+                self.metrics.swept.labels("expired_leases", "reclaimed").inc(freed)
+            reclaimed += freed
+            if len(limits) < self.settings.batch_max:
+                return reclaimed
 
     async def run_forever(self) -> None:
         """A pass every ``ARBITER_SWEEP_INTERVAL_S``, the purge every ten minutes; a failed

@@ -1,4 +1,4 @@
-"""Task tag concurrency (Prefect's V1 tag limits).
+"""Task tag concurrency: Prefect's V1 tag limits and global (V2) ``tag:<tag>`` limits.
 
 A tag limit allows at most ``limit`` task runs carrying that tag to be
 RUNNING at once. A run holds a slot on a tag while its id is in the limit's
@@ -25,6 +25,14 @@ for the cleanup alike. A run that already held a slot on a tag (a RUNNING →
 RUNNING restart) keeps it when the call is blocked or fizzles; Prefect would
 drop it, letting another run take the slot while this one keeps running. If
 the run did leave RUNNING, ReleaseTaskConcurrencySlots frees the slot.
+
+Global (V2) limits named ``tag:<tag>`` come first, as in Prefect: an active one decides
+for its tag, and V1 limits decide only the tags without one (Prefect's quirk of reading
+every V1 row as soon as one remains, reference §6 note 9, is not kept). The V2 slots are
+taken in the orchestration transaction under leases (``rules.core.global_limits``), not
+in a transaction of their own as Prefect does, so a rolled-back proposal takes nothing.
+A blocked proposal holds nothing here either: a full V1 tag gives back the V2 slots taken
+in the same call.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from rules.base import (
     states,
 )
 from rules.context import TaskOrchestrationContext
+from rules.core import global_limits as v2
 from rules.store import Store, TagLimit
 from schemas.states import State, StateType
 
@@ -65,6 +74,7 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
     ) -> None:
         super().__init__(context, from_state_type, to_state_type)
         self._claimed: list[TagLimit] = []
+        self._leased: list[str] = []  # global limits whose slot this call took
 
     async def before_transition(
         self,
@@ -73,19 +83,26 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
         context: TaskOrchestrationContext,
     ) -> None:
         self._claimed = []
+        self._leased = []
         if not context.run.tags:
             return
         run_id = str(context.run.id)
-        for limit in await context.store.lock_tag_limits(context.run.tags):
+        governed = await self._secure_global(context, run_id)
+        if governed is None:
+            return
+        v1_tags = [tag for tag in context.run.tags if tag not in governed]
+        if not v1_tags:
+            return
+        for limit in await context.store.lock_tag_limits(v1_tags):
             if limit.limit == 0:
-                await self._release_claimed(context.store, run_id)
+                await self._release_claimed(context, run_id)
                 await self.abort_transition(
                     reason=f'The concurrency limit on tag "{limit.tag}" is 0 and will deadlock '
                     "if the task tries to run again."
                 )
                 return
             if len(limit.active_slots) >= limit.limit:
-                await self._release_claimed(context.store, run_id)
+                await self._release_claimed(context, run_id)
                 await self.delay_transition(
                     context.settings.tag_concurrency_slot_wait_s,
                     reason=f"Concurrency limit for the {limit.tag} tag has been reached",
@@ -96,23 +113,70 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
                 await context.store.save_tag_limit(limit)
                 self._claimed.append(limit)
 
+    async def _secure_global(
+        self, context: TaskOrchestrationContext, run_id: str
+    ) -> set[str] | None:
+        """Take a leased slot of every active ``tag:`` global limit of the run; the tags
+        they govern, or None when the transition was blocked (ABORT on a zero limit, WAIT
+        on a full one: nothing taken)."""
+        names = [v2.TAG_PREFIX + tag for tag in context.run.tags]
+        limits = await context.store.lock_global_limits(names)
+        now = context.now()
+        for limit in limits:
+            if v2.reclaim_expired(limit, now):
+                await context.store.save_global_limit(limit)
+        active = [limit for limit in limits if limit.active]
+        if not active:
+            return set()
+        for limit in active:
+            if limit.limit == 0:
+                await self.abort_transition(
+                    reason=f'The concurrency limit on tag "{v2.tag_of(limit)}" is 0 and will '
+                    "deadlock if the task tries to run again."
+                )
+                return None
+        full = [limit for limit in active if not v2.has_room(limit, run_id)]
+        if full:
+            max_wait_s = context.settings.tag_concurrency_slot_wait_s
+            for limit in full:
+                v2.deny(limit, now, max_wait_s)
+                await context.store.save_global_limit(limit)
+            tags = ", ".join(v2.tag_of(limit) for limit in active)
+            await self.delay_transition(
+                v2.wait_seconds(v2.blocking(full), max_wait_s),
+                reason=f"Concurrency limit reached for tags: {tags}",
+            )
+            return None
+        for limit in active:
+            if v2.claim(limit, run_id, now, context.settings.slot_lease_ttl_s):
+                self._leased.append(limit.name)
+            await context.store.save_global_limit(limit)
+        return {v2.tag_of(limit) for limit in active}
+
     async def cleanup(
         self,
         initial_state: State | None,
         validated_state: State | None,
         context: TaskOrchestrationContext,
     ) -> None:
+        run_id = str(context.run.id)
+        if self._leased:
+            leased, self._leased = self._leased, []
+            await _release_global(context, leased, run_id)
         if not self._claimed:
             return
         tags = [limit.tag for limit in self._claimed]
         self._claimed = []
-        await _remove_holder(context.store, tags, str(context.run.id))
+        await _remove_holder(context.store, tags, run_id)
 
-    async def _release_claimed(self, store: Store, run_id: str) -> None:
+    async def _release_claimed(self, context: TaskOrchestrationContext, run_id: str) -> None:
         """Give back the slots claimed so far in this call (the limits are still locked)."""
         for limit in self._claimed:
-            await _drop_holder(store, limit, run_id)
+            await _drop_holder(context.store, limit, run_id)
         self._claimed = []
+        if self._leased:
+            leased, self._leased = self._leased, []
+            await _release_global(context, leased, run_id)
 
 
 class ReleaseTaskConcurrencySlots(TaskRunUniversalTransform):
@@ -130,9 +194,34 @@ class ReleaseTaskConcurrencySlots(TaskRunUniversalTransform):
         if await self.nullified_transition():
             return
         validated = context.validated_state
-        if validated is None or validated.type in _KEEPS_SLOTS or not context.run.tags:
+        if validated is None or not context.run.tags:
             return
-        await _remove_holder(context.store, context.run.tags, str(context.run.id))
+        run_id = str(context.run.id)
+        names = [v2.TAG_PREFIX + tag for tag in context.run.tags]
+        if validated.type in _KEEPS_SLOTS:
+            await _renew_global(context, names, run_id)
+            return
+        await _release_global(context, names, run_id)
+        await _remove_holder(context.store, context.run.tags, run_id)
+
+
+async def _release_global(context: TaskOrchestrationContext, names: list[str], run_id: str) -> None:
+    """Free ``run_id``'s leased slots on these global limits (locked in name order)."""
+    now = context.now()
+    for limit in await context.store.lock_global_limits(names):
+        changed = v2.reclaim_expired(limit, now)
+        if v2.release(limit, run_id, now) or changed:
+            await context.store.save_global_limit(limit)
+
+
+async def _renew_global(context: TaskOrchestrationContext, names: list[str], run_id: str) -> None:
+    """An accepted transition of a holder that keeps its slots renews their leases."""
+    now = context.now()
+    ttl_s = context.settings.slot_lease_ttl_s
+    for limit in await context.store.lock_global_limits(names):
+        changed = v2.reclaim_expired(limit, now)
+        if v2.renew(limit, run_id, now, ttl_s) or changed:
+            await context.store.save_global_limit(limit)
 
 
 async def _remove_holder(store: Store, tags: list[str], run_id: str) -> None:

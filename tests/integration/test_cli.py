@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import uuid
 
 import pytest
 
-from schemas import FlowRunSpec, ProposedState, StateType
+from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
 from worker.client import ArbiterClient
 from worker.pool import settings_env
 from worker.settings import Settings
@@ -48,6 +49,66 @@ def test_limits_set_ls_rm(settings: Settings) -> None:
     missing = arbiter(settings, "limits", "rm", tag)
     assert missing.returncode == 1
     assert tag in missing.stderr
+
+
+async def test_global_limits_list_their_holders_and_lease_expiry(
+    settings: Settings, client: ArbiterClient
+) -> None:
+    """`limits set --global tag:<t> 1`: a running task holds its one slot, which `limits ls
+    --global --json` shows with the holder and its lease; completing frees it. The V1
+    listing does not show global limits."""
+    tag = f"gl-{uuid.uuid4().hex[:8]}"
+    name = f"tag:{tag}"
+    made = arbiter(settings, "limits", "set", "--global", name, "1")
+    assert made.returncode == 0, made.stderr
+    run_id = uuid.uuid4()
+    spec = TaskRunSpec(task_key="t", tags=[tag])
+    await client.propose("task_run", run_id, ProposedState(type=StateType.PENDING), run=spec)
+    running = await client.propose("task_run", run_id, ProposedState(type=StateType.RUNNING))
+    assert running.status is OutcomeStatus.ACCEPT
+    other = uuid.uuid4()
+    await client.propose("task_run", other, ProposedState(type=StateType.PENDING), run=spec)
+    waiting = await client.propose("task_run", other, ProposedState(type=StateType.RUNNING))
+    assert waiting.status is OutcomeStatus.WAIT
+
+    listed = json.loads(arbiter(settings, "limits", "ls", "--global", "--json").stdout)
+    [limit] = [row for row in listed if row["name"] == name]
+    assert (limit["limit"], limit["active_slots"], limit["denied_slots"]) == (1, 1, 1)
+    [holder] = limit["holders"]
+    assert holder["holder"] == str(run_id)
+    assert dt.datetime.fromisoformat(holder["expires"]) > dt.datetime.fromisoformat(
+        holder["acquired"]
+    )
+    assert name not in arbiter(settings, "limits", "ls").stdout
+
+    await client.propose("task_run", run_id, ProposedState(type=StateType.COMPLETED))
+    listed = json.loads(arbiter(settings, "limits", "ls", "--global", "--json").stdout)
+    [limit] = [row for row in listed if row["name"] == name]
+    assert (limit["active_slots"], limit["holders"]) == (0, [])
+    assert arbiter(settings, "limits", "rm", "--global", name).returncode == 0
+    assert arbiter(settings, "limits", "rm", "--global", name).returncode == 1
+
+
+def test_a_global_limit_takes_a_decay_and_can_be_switched_off(settings: Settings) -> None:
+    name = f"rate-{uuid.uuid4().hex[:8]}"
+    made = arbiter(
+        settings,
+        "limits",
+        "set",
+        "--global",
+        name,
+        "4",
+        "--inactive",
+        "--slot-decay-per-second",
+        "0.5",
+    )
+    assert made.returncode == 0, made.stderr
+    listed = json.loads(arbiter(settings, "limits", "ls", "--global", "--json").stdout)
+    [limit] = [row for row in listed if row["name"] == name]
+    assert (limit["active"], limit["slot_decay_per_second"]) == (False, 0.5)
+    bad = arbiter(settings, "limits", "set", "--global", name, "4", "--slot-decay-per-second", "-1")
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr
 
 
 def test_a_negative_limit_is_refused_by_the_parser(settings: Settings) -> None:

@@ -18,10 +18,11 @@ from typing import Any
 import pydantic_core
 
 from rules.errors import StoreError
-from rules.store import TagLimit
+from rules.store import GlobalLimit, TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 from worker.db import statements as sql
+from worker.db.global_limits import save_many
 from worker.db.rows import run_values, state_values
 from worker.db.storable import unstorable
 from worker.db.store import BatchRows, PgStore
@@ -49,6 +50,7 @@ class _Pending:
     runs: dict[RunKey, FlowRun | TaskRun] = field(default_factory=dict)
     cache: list[_CacheEntry] = field(default_factory=list)
     limits: dict[str, TagLimit] = field(default_factory=dict)
+    global_limits: dict[str, GlobalLimit] = field(default_factory=dict)
     records: list[str] = field(default_factory=list)  # JSON objects, ready to send
 
 
@@ -97,6 +99,7 @@ class BatchStore:
         self._states: dict[uuid.UUID, dict[str, Any]] = {}  # column values, by state id
         self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
         self._limits: dict[str, TagLimit | None] = {}
+        self._global_limits: dict[str, GlobalLimit | None] = {}
         self.pending = _Pending()
 
     # -- runs ----------------------------------------------------------------------------------
@@ -204,6 +207,22 @@ class BatchStore:
         self._limits[limit.tag] = saved
         self.pending.limits[limit.tag] = saved
 
+    # -- global limits (locked at first use, held to the end of the transaction) -------------
+
+    async def lock_global_limits(self, names: list[str]) -> list[GlobalLimit]:
+        wanted = sorted(set(names))
+        missing = [name for name in wanted if name not in self._global_limits]
+        if missing:
+            found = {limit.name: limit for limit in await self.db.lock_global_limits(missing)}
+            for name in missing:
+                self._global_limits[name] = found.get(name)
+        return [limit.copy() for name in wanted if (limit := self._global_limits[name]) is not None]
+
+    async def save_global_limit(self, limit: GlobalLimit) -> None:
+        saved = limit.copy()
+        self._global_limits[limit.name] = saved
+        self.pending.global_limits[limit.name] = saved
+
     # -- writing it all ------------------------------------------------------------------------
 
     def record(
@@ -260,5 +279,7 @@ class BatchStore:
         rows.json["records"] = pending.records
         rows.expected["recorded"] = len(pending.records)
         await self.db.write_batch(rows)
+        # Only batches that touched a global limit pay for this statement.
+        await save_many(self.db, list(pending.global_limits.values()))
         self.pending = _Pending()
         self.new = {}

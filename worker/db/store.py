@@ -37,6 +37,7 @@ from worker.db import statements as sql
 from worker.db import tables
 from worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
 from worker.db.errors import is_transient, translate_db_error
+from worker.db.global_limits import GlobalLimitRows
 from worker.db.rows import (
     processed_from,
     run_from,
@@ -60,7 +61,7 @@ __all__ = [
 # --- the store --------------------------------------------------------------------------------
 
 
-class PgStore:
+class PgStore(GlobalLimitRows):
     """``AdminStore`` and the worker's bookkeeping on one connection, in its caller's transaction.
 
     Not safe for concurrent use: one connection runs one statement at a time.

@@ -138,8 +138,7 @@ sa.Index(
     postgresql_where=flow_run.c.state_type.in_(SWEPT_FLOW_STATES),
 )
 
-# V1 tag limits (Prefect's ``concurrency_limit``). V2 limits would get their own
-# ``concurrency_limit_v2`` table, as in Prefect, rather than new columns here.
+# V1 tag limits (Prefect's ``concurrency_limit``). Global (V2) limits have their own table.
 concurrency_limit = sa.Table(
     "concurrency_limit",
     metadata,
@@ -149,6 +148,24 @@ concurrency_limit = sa.Table(
     _created(),
     sa.Column("updated", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
     sa.CheckConstraint("concurrency_limit >= 0", name="limit_not_negative"),
+)
+
+# Global (V2) limits (Prefect's ``concurrency_limit_v2``): ``holders`` maps each holder (a
+# run id) to its lease, ``{"acquired": …, "expires": …}``; the active slots are the holders.
+concurrency_limit_v2 = sa.Table(
+    "concurrency_limit_v2",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("concurrency_limit", sa.Integer, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("holders", JSONB, nullable=False, server_default=_EMPTY_OBJECT),
+    sa.Column("denied_slots", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("slot_decay_per_second", sa.Float, nullable=False, server_default=sa.text("0")),
+    sa.Column("avg_slot_occupancy_seconds", sa.Float, nullable=False, server_default=sa.text("2")),
+    _created(),
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+    sa.CheckConstraint("concurrency_limit >= 0", name="limit_not_negative"),
+    sa.CheckConstraint("slot_decay_per_second >= 0", name="decay_not_negative"),
 )
 
 # Proposal ids already answered: the exactly-once guarantee, purged after the retention window.

@@ -1,0 +1,130 @@
+"""Leased slots of global limits on real services: an expired lease is freed once however
+many sweepers race for it, and a holder that vanished loses its slot to a waiter within
+the lease's TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from rules.store import Lease
+from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from schemas.states import utcnow
+from tests.fixtures.services import isolated_settings, running_worker
+from tests.integration.test_sweepers import started_sweeper, stopped
+from worker.client import ArbiterClient
+from worker.db.engine import create_engine
+from worker.db.store import PgStore
+from worker.db.transaction import store_transaction
+from worker.devservices import Services
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    created = create_engine(settings.database_url, pool_size=4)
+    try:
+        yield created
+    finally:
+        await created.dispose()
+
+
+async def expired_leases_in_the_database(engine: AsyncEngine, now: dt.datetime) -> int:
+    async with engine.connect() as conn:
+        limits = await PgStore(conn).list_global_limits()
+    return sum(1 for limit in limits for lease in limit.holders.values() if lease.expires <= now)
+
+
+async def test_two_sweepers_free_each_expired_lease_once(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """60 limits, each with one lease expired a minute ago and one live: two sweepers
+    reclaiming at once free 60 slots between them, each limit keeps its live holder."""
+    prefix = f"sweep-{uuid.uuid4().hex[:8]}"
+    now = utcnow()
+    names = [f"{prefix}-{i:02}" for i in range(60)]
+    live = {name: str(uuid.uuid4()) for name in names}
+    async with store_transaction(engine) as store:
+        for name in names:
+            await store.upsert_global_limit(name, 2)
+        for limit in await store.lock_global_limits(names):
+            past = now - dt.timedelta(minutes=2)
+            limit.holders = {
+                str(uuid.uuid4()): Lease(past, now - dt.timedelta(minutes=1)),
+                live[limit.name]: Lease(now, now + dt.timedelta(hours=1)),
+            }
+            await store.save_global_limit(limit)
+    expired = await expired_leases_in_the_database(engine, utcnow())
+    assert expired >= 60
+
+    sweepers = [await started_sweeper(settings), await started_sweeper(settings)]
+    try:
+        freed = await asyncio.gather(*(s.reclaim_expired_leases() for s in sweepers * 2))
+    finally:
+        for sweeper in sweepers:
+            await stopped(sweeper)
+
+    assert sum(freed) == expired
+    async with engine.connect() as conn:
+        limits = [
+            limit
+            for limit in await PgStore(conn).list_global_limits()
+            if limit.name.startswith(prefix)
+        ]
+    assert len(limits) == 60
+    assert all(list(limit.holders) == [live[limit.name]] for limit in limits)
+
+
+async def test_a_vanished_holder_loses_its_slot_to_a_waiter_within_the_ttl(
+    services: Services, database_url: str
+) -> None:
+    """Limit 1, leases of 3 s. Run A takes the slot and its executor is never heard of
+    again; run B proposes RUNNING, following its WAITs in the pool: it gets its ACCEPT
+    once A's lease has expired, within the TTL and a WAIT's delay."""
+    settings = isolated_settings(
+        services,
+        database_url,
+        slot_lease_ttl_s=3.0,
+        tag_concurrency_slot_wait_s=1,
+        parked_poll_s=0.2,
+    )
+    tag = f"vanish-{uuid.uuid4().hex[:8]}"
+    engine = create_engine(settings.database_url)
+    async with store_transaction(engine) as store:
+        await store.upsert_global_limit(f"tag:{tag}", 1)
+    spec = TaskRunSpec(task_key="t", tags=[tag])
+    vanished, waiter = uuid.uuid4(), uuid.uuid4()
+    async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
+        for run_id in (vanished, waiter):
+            await client.propose(
+                "task_run", run_id, ProposedState(type=StateType.PENDING), run=spec
+            )
+        held = await client.propose("task_run", vanished, ProposedState(type=StateType.RUNNING))
+        assert held.status is OutcomeStatus.ACCEPT
+        taken_at = asyncio.get_running_loop().time()
+        got = await client.propose(
+            "task_run",
+            waiter,
+            ProposedState(type=StateType.RUNNING),
+            follow_waits=True,
+            max_wait_s=30,
+        )
+        waited = asyncio.get_running_loop().time() - taken_at
+    assert got.status is OutcomeStatus.ACCEPT
+    assert got.proposal_id is not None
+    # Not before the lease expired; at most a WAIT (1 s, jittered) and a poll after it.
+    assert 3.0 <= waited < 3.0 + 3.0
+    try:
+        async with engine.connect() as conn:
+            limits = await PgStore(conn).list_global_limits()
+    finally:
+        await engine.dispose()
+    [limit] = [lim for lim in limits if lim.name == f"tag:{tag}"]
+    assert list(limit.holders) == [str(waiter)]
