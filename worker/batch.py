@@ -217,7 +217,9 @@ async def process_batch(
         settled[proposal.proposal_id] = (decoded.body_sha256, processed)
         results.append(processed)
     await store.flush()
-    await parking.park(db, batch, results, orchestrator.clock())
+    now = orchestrator.clock()
+    await parking.park(db, batch, results, now)
+    await parking.wake_waiters(db, store.freed_tags, now)
     return results
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "mark_parked",
     "park",
     "reevaluation_id",
+    "wake_waiters",
     "watch_parking",
     "with_reply_route",
 ]
@@ -33,6 +34,9 @@ __all__ = [
 # Fixed forever: the ids of re-evaluations are derived from it.
 PARK_NAMESPACE = uuid.UUID("9b3f6a1e-4c7d-5e2a-8f10-2a3b4c5d6e7f")
 
+
+# How long after a release this process's re-evaluators look for the waiters it woke.
+WAKE_AFTER_S = 0.02
 
 # This process's re-evaluators, told the due time of what its workers park, so that the
 # worker that parked a proposal wakes when it is due instead of at its next poll.
@@ -123,3 +127,18 @@ def _first_delay(decoded: Decoded, processed: Processed) -> float:
     delay = _delay_s(processed)
     limit = decoded.proposal.max_wait_s
     return min(delay, limit) if limit is not None else delay
+
+
+async def wake_waiters(db: PgStore, tags: set[str], now: dt.datetime) -> int:
+    """A transaction freed slots of these tags: the task runs parked waiting on them are
+    due now, and this process's re-evaluators are woken (others find them at their next
+    poll). In the caller's transaction: a rolled-back release wakes nobody."""
+    if not tags:
+        return 0
+    woken = await db.fetch_rows(sql.WAKE_WAITERS, sorted(tags), now)
+    if woken:
+        # Told before the commit: a look this soon after finds the commit done, usually;
+        # else the next poll (ARBITER_PARKED_POLL_S) does.
+        for watcher in list(_watchers):
+            watcher(now + dt.timedelta(seconds=WAKE_AFTER_S))
+    return len(woken)

@@ -38,6 +38,7 @@ from rules.policies import MarkLateRunsPolicy
 from schemas import Proposal, ProposedState, StateType
 from schemas.runs import RunKind
 from schemas.states import StateDetails
+from worker import parking
 from worker.batch import RuleFailed, process_batch
 from worker.db import global_limits
 from worker.db import sweeps as sql
@@ -179,11 +180,15 @@ class Sweeper:
                 )
                 limits = [global_limits.limit_from(row) for row in rows]
                 freed = 0
+                tags = set()
                 for limit in limits:
                     before = limit.active_slots
                     v2.reclaim_expired(limit, now)
                     freed += before - limit.active_slots
+                    if limit.name.startswith(v2.TAG_PREFIX):
+                        tags.add(v2.tag_of(limit))
                 await global_limits.save_many(store, limits)
+                await parking.wake_waiters(store, tags, now)
             if freed:
                 self.metrics.swept.labels("expired_leases", "reclaimed").inc(freed)
             reclaimed += freed

@@ -16,6 +16,7 @@ from rules.store import Lease
 from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
 from schemas.states import utcnow
 from tests.fixtures.services import isolated_settings, running_worker
+from tests.integration.test_parked_waits import wait_parked
 from tests.integration.test_sweepers import started_sweeper, stopped
 from worker.client import ArbiterClient
 from worker.db.engine import create_engine
@@ -128,3 +129,55 @@ async def test_a_vanished_holder_loses_its_slot_to_a_waiter_within_the_ttl(
         await engine.dispose()
     [limit] = [lim for lim in limits if lim.name == f"tag:{tag}"]
     assert list(limit.holders) == [str(waiter)]
+
+
+@pytest.mark.parametrize("kind", ["v1", "v2"])
+async def test_a_release_wakes_the_parked_waiter_before_its_back_off(
+    services: Services, database_url: str, kind: str
+) -> None:
+    """A tag limit of 1 and a WAIT back-off of 10 s: the waiter, parked by the pool, is
+    answered ACCEPT within a second of the holder's COMPLETED, not 10 s later."""
+    settings = isolated_settings(
+        services, database_url, tag_concurrency_slot_wait_s=10, parked_poll_s=5.0
+    )
+    tag = f"wake-{uuid.uuid4().hex[:8]}"
+    engine = create_engine(settings.database_url)
+    try:
+        async with store_transaction(engine) as store:
+            if kind == "v1":
+                await store.upsert_tag_limit(tag, 1)
+            else:
+                await store.upsert_global_limit(f"tag:{tag}", 1)
+                # A slot is held about 10 s on average: the WAIT is about 10 s too.
+                [limit] = await store.lock_global_limits([f"tag:{tag}"])
+                limit.avg_slot_occupancy_seconds = 10.0
+                await store.save_global_limit(limit)
+    finally:
+        await engine.dispose()
+    spec = TaskRunSpec(task_key="t", tags=[tag])
+    holder, waiter = uuid.uuid4(), uuid.uuid4()
+    async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
+        for run_id in (holder, waiter):
+            await client.propose(
+                "task_run", run_id, ProposedState(type=StateType.PENDING), run=spec
+            )
+        held = await client.propose("task_run", holder, ProposedState(type=StateType.RUNNING))
+        assert held.status is OutcomeStatus.ACCEPT
+        proposal_id = uuid.uuid4()
+        answer = await client.publish(
+            "task_run",
+            waiter,
+            ProposedState(type=StateType.RUNNING),
+            proposal_id=proposal_id,
+            follow_waits=True,
+            max_wait_s=60,
+        )
+        await wait_parked(settings, proposal_id)
+        await asyncio.sleep(0.5)
+        done = await client.propose("task_run", holder, ProposedState(type=StateType.COMPLETED))
+        released_at = asyncio.get_running_loop().time()
+        got = await asyncio.wait_for(answer, 15)
+        woken_after = asyncio.get_running_loop().time() - released_at
+    assert done.status is OutcomeStatus.ACCEPT
+    assert got.status is OutcomeStatus.ACCEPT
+    assert woken_after < 1.0

@@ -100,6 +100,8 @@ class BatchStore:
         self._flow_timestamps: dict[uuid.UUID, set[dt.datetime]] = {}
         self._limits: dict[str, TagLimit | None] = {}
         self._global_limits: dict[str, GlobalLimit | None] = {}
+        # Tags whose limits this batch freed a slot of: their parked waiters are woken.
+        self.freed_tags: set[str] = set()
         self.pending = _Pending()
 
     # -- runs ----------------------------------------------------------------------------------
@@ -204,6 +206,9 @@ class BatchStore:
 
     async def save_tag_limit(self, limit: TagLimit) -> None:
         saved = TagLimit(limit.tag, limit.limit, list(limit.active_slots))
+        before = self._limits.get(limit.tag)
+        if before is not None and len(saved.active_slots) < len(before.active_slots):
+            self.freed_tags.add(limit.tag)
         self._limits[limit.tag] = saved
         self.pending.limits[limit.tag] = saved
 
@@ -220,6 +225,10 @@ class BatchStore:
 
     async def save_global_limit(self, limit: GlobalLimit) -> None:
         saved = limit.copy()
+        before = self._global_limits.get(limit.name)
+        freed = before is not None and saved.active_slots < before.active_slots
+        if freed and limit.name.startswith("tag:"):
+            self.freed_tags.add(limit.name.removeprefix("tag:"))
         self._global_limits[limit.name] = saved
         self.pending.global_limits[limit.name] = saved
 

@@ -68,3 +68,14 @@ DELETE FROM parked_proposal WHERE proposal_id = ANY($1::uuid[]) AND answer IS NO
 NEXT_DUE = """
 SELECT min(due_at) AS due_at FROM parked_proposal WHERE answer IS NULL
 """
+
+# A slot of these tags ($1) was freed: the task runs parked waiting on one are due now ($2)
+# rather than at the end of their WAIT's back-off.
+WAKE_WAITERS = """
+UPDATE parked_proposal AS p SET due_at = $2
+FROM task_run AS t
+WHERE p.answer IS NULL AND p.due_at > $2
+    AND t.id = (p.body::jsonb ->> 'run_id')::uuid
+    AND t.tags ?| $1::text[]
+RETURNING p.proposal_id
+"""
