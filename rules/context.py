@@ -47,6 +47,11 @@ class RuleSettings:
     # How long a global-limit slot is leased: renewed by the holder's accepted transitions,
     # reclaimed once expired (rules.core.global_limits).
     slot_lease_ttl_s: float = 3600.0
+    # Prefect's server.deployments.concurrency_slot_wait_seconds: an ENQUEUEd run's wait.
+    deployment_concurrency_slot_wait_s: int = 30
+    # Prefect's server.concurrency.initial_deployment_lease_duration: a deployment slot's
+    # lease when the deployment sets no grace period.
+    deployment_lease_duration_s: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,12 @@ flush.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from rules.store import GlobalLimit, TagLimit
+from rules.store import Deployment, GlobalLimit, TagLimit, deployment_limit_name
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 
@@ -35,6 +36,7 @@ class InMemoryStore:
     cache: list[_CacheEntry] = field(default_factory=list)
     tag_limits: dict[str, TagLimit] = field(default_factory=dict)
     global_limits: dict[str, GlobalLimit] = field(default_factory=dict)
+    deployments: dict[uuid.UUID, Deployment] = field(default_factory=dict)
 
     def add_flow_run(self, run: FlowRun) -> FlowRun:
         self.flow_runs[run.id] = run
@@ -95,6 +97,10 @@ class InMemoryStore:
         if limit.tag in self.tag_limits:
             self.tag_limits[limit.tag].active_slots = list(limit.active_slots)
 
+    async def read_deployment(self, deployment_id: uuid.UUID) -> Deployment | None:
+        found = self.deployments.get(deployment_id)
+        return dataclasses.replace(found) if found is not None else None
+
     async def lock_global_limits(self, names: list[str]) -> list[GlobalLimit]:
         return [
             limit.copy()
@@ -148,3 +154,21 @@ class InMemoryStore:
 
     async def list_global_limits(self) -> list[GlobalLimit]:
         return [self.global_limits[name].copy() for name in sorted(self.global_limits)]
+
+    async def upsert_deployment(self, deployment: Deployment) -> None:
+        self.deployments[deployment.id] = dataclasses.replace(deployment)
+        name = deployment_limit_name(deployment.id)
+        if deployment.concurrency_limit is None:
+            self.global_limits.pop(name, None)
+        else:
+            await self.upsert_global_limit(name, deployment.concurrency_limit)
+
+    async def delete_deployment(self, deployment_id: uuid.UUID) -> bool:
+        self.global_limits.pop(deployment_limit_name(deployment_id), None)
+        return self.deployments.pop(deployment_id, None) is not None
+
+    async def list_deployments(self) -> list[Deployment]:
+        return [
+            dataclasses.replace(d)
+            for d in sorted(self.deployments.values(), key=lambda d: (d.name, str(d.id)))
+        ]

@@ -1,9 +1,6 @@
 """Every policy, as an ordered list of rules: the one place where order lives.
 
-Outermost first. Deployment concurrency rules of Prefect (PreserveDeploymentConcurrencyLeaseId,
-ValidateDeploymentConcurrencyAtRunning, SecureFlowConcurrencySlots,
-RemoveDeploymentConcurrencyLeaseForOldClientVersions, EnforceDeploymentConcurrencyOnLate,
-ReleaseFlowConcurrencySlots) are not built yet; their places are marked.
+Outermost first, in Prefect's order.
 """
 
 from __future__ import annotations
@@ -18,6 +15,14 @@ from rules.core.cancelling import (
     EnforceCancellingToCancelledTransition,
 )
 from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from rules.core.deployments import (
+    EnforceDeploymentConcurrencyOnLate,
+    PreserveDeploymentConcurrencyLeaseId,
+    ReleaseFlowConcurrencySlots,
+    RemoveDeploymentConcurrencyLeaseForOldClientVersions,
+    SecureFlowConcurrencySlots,
+    ValidateDeploymentConcurrencyAtRunning,
+)
 from rules.core.duplicates import PreventDuplicateTransitions
 from rules.core.late import EnsureOnlyScheduledFlowsMarkedLate
 from rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
@@ -38,14 +43,15 @@ class CoreFlowPolicy(BaseOrchestrationPolicy):
     @staticmethod
     def priority() -> Sequence[RuleClass]:
         return (
-            # PreserveDeploymentConcurrencyLeaseId: needs deployments
+            PreserveDeploymentConcurrencyLeaseId,
             PreventDuplicateTransitions,
             HandleFlowTerminalStateTransitions,
             EnforceCancellingToCancelledTransition,
             BypassCancellingFlowRunsWithNoInfra,
             PreventPendingTransitions,
-            # ValidateDeploymentConcurrencyAtRunning, SecureFlowConcurrencySlots,
-            # RemoveDeploymentConcurrencyLeaseForOldClientVersions: need deployments
+            ValidateDeploymentConcurrencyAtRunning,
+            SecureFlowConcurrencySlots,
+            RemoveDeploymentConcurrencyLeaseForOldClientVersions,
             EnsureOnlyScheduledFlowsMarkedLate,
             HandlePausingFlows,
             HandleResumingPausedFlows,
@@ -53,7 +59,7 @@ class CoreFlowPolicy(BaseOrchestrationPolicy):
             WaitForScheduledTime,
             RetryFailedFlows,
             InstrumentFlowRunStateTransitions,
-            # ReleaseFlowConcurrencySlots: needs deployments
+            ReleaseFlowConcurrencySlots,
         )
 
 
@@ -117,7 +123,7 @@ class MinimalFlowPolicy(BaseOrchestrationPolicy):
             PreventResultDataLoss,
             BypassCancellingFlowRunsWithNoInfra,
             InstrumentFlowRunStateTransitions,
-            # ReleaseFlowConcurrencySlots: needs deployments
+            ReleaseFlowConcurrencySlots,
         )
 
 
@@ -134,7 +140,11 @@ class MarkLateRunsPolicy(BaseOrchestrationPolicy):
 
     @staticmethod
     def priority() -> Sequence[RuleClass]:
-        return (EnsureOnlyScheduledFlowsMarkedLate, InstrumentFlowRunStateTransitions)
+        return (
+            EnsureOnlyScheduledFlowsMarkedLate,
+            EnforceDeploymentConcurrencyOnLate,
+            InstrumentFlowRunStateTransitions,
+        )
 
 
 class GlobalFlowPolicy(BaseOrchestrationPolicy):

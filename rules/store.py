@@ -8,8 +8,8 @@ leaves no trace.
 Global (V2) limits hold their slots under leases (``GlobalLimit.holders``): a slot is a
 holder with an expiry, kept in the limit's own row, so the row lock that serialises the
 claimers also makes ``active slots == leases`` true by construction, and an expired lease
-is reclaimed by whoever next locks the row. Deployment concurrency is not built yet; it
-fits the same shape (a ``deployment:<id>`` global limit).
+is reclaimed by whoever next locks the row. A deployment's concurrency limit is the global
+limit named ``deployment:<id>`` (``deployment_limit_name``), its holders flow runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State
@@ -34,10 +34,28 @@ class TagLimit:
 
 @dataclass
 class Lease:
-    """A slot of a global limit held by a run until ``expires`` (renewed by its transitions)."""
+    """A slot of a global limit held by a run until ``expires`` (renewed by its transitions).
+    ``id`` names the lease where a state carries it (``deployment_concurrency_lease_id``)."""
 
     acquired: dt.datetime
     expires: dt.datetime
+    id: uuid.UUID | None = None
+
+
+@dataclass
+class Deployment:
+    """What orchestration needs of a deployment: its concurrency settings. A limit of None
+    means no limit; the limit itself is the global limit ``deployment_limit_name(id)``."""
+
+    id: uuid.UUID
+    name: str = ""
+    concurrency_limit: int | None = None
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"] = "ENQUEUE"
+    grace_period_seconds: int | None = None
+
+
+def deployment_limit_name(deployment_id: uuid.UUID) -> str:
+    return f"deployment:{deployment_id}"
 
 
 @dataclass
@@ -122,6 +140,10 @@ class Store(Protocol):
         """Write back the active slots of a limit read by ``lock_tag_limits``."""
         ...
 
+    async def read_deployment(self, deployment_id: uuid.UUID) -> Deployment | None:
+        """The deployment, or None when the store knows none of this id."""
+        ...
+
     async def lock_global_limits(self, names: list[str]) -> list[GlobalLimit]:
         """The global limits of these names, locked in name order (as ``lock_tag_limits``)."""
         ...
@@ -162,6 +184,19 @@ class AdminStore(Store, Protocol):
 
     async def delete_global_limit(self, name: str) -> bool:
         """Remove a global limit; False when there was none."""
+        ...
+
+    async def upsert_deployment(self, deployment: Deployment) -> None:
+        """Create or change a deployment, and its ``deployment:<id>`` limit to match (kept
+        holders and all; removed when the deployment has no limit any more)."""
+        ...
+
+    async def delete_deployment(self, deployment_id: uuid.UUID) -> bool:
+        """Remove a deployment and its limit; False when there was none."""
+        ...
+
+    async def list_deployments(self) -> list[Deployment]:
+        """Every deployment, by name then id."""
         ...
 
     async def list_global_limits(self) -> list[GlobalLimit]:

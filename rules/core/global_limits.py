@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import uuid
 
 from rules.core.jitter import clamped_poisson_interval
 from rules.store import GlobalLimit, Lease
@@ -29,6 +30,8 @@ __all__ = [
     "TAG_PREFIX",
     "claim",
     "deny",
+    "has_room",
+    "holder_of",
     "reclaim_expired",
     "release",
     "renew",
@@ -55,19 +58,33 @@ def _lease_seconds(limit: GlobalLimit, ttl_s: float) -> float:
     return ttl_s
 
 
+def holder_of(limit: GlobalLimit, lease_id: uuid.UUID) -> str | None:
+    """Who holds the lease named ``lease_id`` on this limit, if it is still held."""
+    for holder, lease in limit.holders.items():
+        if lease.id == lease_id:
+            return holder
+    return None
+
+
 def has_room(limit: GlobalLimit, holder: str) -> bool:
     """A holder that already holds a slot keeps it (a restart does not count twice)."""
     return holder in limit.holders or limit.active_slots < limit.limit
 
 
-def claim(limit: GlobalLimit, holder: str, now: dt.datetime, ttl_s: float) -> bool:
+def claim(
+    limit: GlobalLimit,
+    holder: str,
+    now: dt.datetime,
+    ttl_s: float,
+    lease_id: uuid.UUID | None = None,
+) -> bool:
     """Take (or renew) ``holder``'s slot; whether it is newly taken."""
     expires = now + dt.timedelta(seconds=_lease_seconds(limit, ttl_s))
     held = limit.holders.get(holder)
     if held is not None:
-        limit.holders[holder] = Lease(held.acquired, expires)
+        limit.holders[holder] = Lease(held.acquired, expires, held.id)
         return False
-    limit.holders[holder] = Lease(now, expires)
+    limit.holders[holder] = Lease(now, expires, lease_id)
     limit.updated = now
     return True
 

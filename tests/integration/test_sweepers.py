@@ -317,5 +317,6 @@ def test_arbiter_sweep_runs_one_pass_by_hand(settings: Settings) -> None:
         "late_runs",
         "expired_pauses",
         "cancelled_flow_task_runs",
+        "expired_leases",
         "purged_proposals",
     }

@@ -18,7 +18,7 @@ from typing import Any
 import pydantic_core
 
 from rules.errors import StoreError
-from rules.store import GlobalLimit, TagLimit
+from rules.store import Deployment, GlobalLimit, TagLimit
 from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 from worker.db import statements as sql
@@ -102,6 +102,7 @@ class BatchStore:
         self._global_limits: dict[str, GlobalLimit | None] = {}
         # Tags whose limits this batch freed a slot of: their parked waiters are woken.
         self.freed_tags: set[str] = set()
+        self._deployments: dict[uuid.UUID, Deployment | None] = {}
         self.pending = _Pending()
 
     # -- runs ----------------------------------------------------------------------------------
@@ -222,6 +223,11 @@ class BatchStore:
             for name in missing:
                 self._global_limits[name] = found.get(name)
         return [limit.copy() for name in wanted if (limit := self._global_limits[name]) is not None]
+
+    async def read_deployment(self, deployment_id: uuid.UUID) -> Deployment | None:
+        if deployment_id not in self._deployments:
+            self._deployments[deployment_id] = await self.db.read_deployment(deployment_id)
+        return self._deployments[deployment_id]
 
     async def save_global_limit(self, limit: GlobalLimit) -> None:
         saved = limit.copy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -67,7 +68,11 @@ ORDER BY name COLLATE "C" LIMIT $2 FOR UPDATE SKIP LOCKED
 def _holders_json(limit: GlobalLimit) -> str:
     return json.dumps(
         {
-            holder: {"acquired": lease.acquired.isoformat(), "expires": lease.expires.isoformat()}
+            holder: {
+                "acquired": lease.acquired.isoformat(),
+                "expires": lease.expires.isoformat(),
+                "id": str(lease.id) if lease.id is not None else None,
+            }
             for holder, lease in limit.holders.items()
         }
     )
@@ -80,6 +85,7 @@ def limit_from(record: Any) -> GlobalLimit:
         holder: Lease(
             dt.datetime.fromisoformat(lease["acquired"]),
             dt.datetime.fromisoformat(lease["expires"]),
+            uuid.UUID(lease["id"]) if lease.get("id") else None,
         )
         for holder, lease in json.loads(row["holders"]).items()
     }

@@ -36,6 +36,7 @@ from schemas.states import State
 from worker.db import statements as sql
 from worker.db import tables
 from worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
+from worker.db.deployments import DeploymentRows
 from worker.db.errors import is_transient, translate_db_error
 from worker.db.global_limits import GlobalLimitRows
 from worker.db.rows import (
@@ -61,7 +62,7 @@ __all__ = [
 # --- the store --------------------------------------------------------------------------------
 
 
-class PgStore(GlobalLimitRows):
+class PgStore(GlobalLimitRows, DeploymentRows):
     """``AdminStore`` and the worker's bookkeeping on one connection, in its caller's transaction.
 
     Not safe for concurrent use: one connection runs one statement at a time.

@@ -168,6 +168,24 @@ concurrency_limit_v2 = sa.Table(
     sa.CheckConstraint("slot_decay_per_second >= 0", name="decay_not_negative"),
 )
 
+# Deployments, as far as orchestration needs them: their concurrency settings. The limit
+# itself is the global limit ``deployment:<id>``, kept in step by the store.
+deployment = sa.Table(
+    "deployment",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False, server_default=""),
+    sa.Column("concurrency_limit", sa.Integer, nullable=True),
+    sa.Column("collision_strategy", sa.Text, nullable=False, server_default="ENQUEUE"),
+    sa.Column("grace_period_seconds", sa.Integer, nullable=True),
+    _created(),
+    sa.Column("updated", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+    sa.CheckConstraint("concurrency_limit >= 0", name="limit_not_negative"),
+    sa.CheckConstraint(
+        "collision_strategy IN ('ENQUEUE', 'CANCEL_NEW')", name="known_collision_strategy"
+    ),
+)
+
 # Proposal ids already answered: the exactly-once guarantee, purged after the retention window.
 processed_proposal = sa.Table(
     "processed_proposal",
