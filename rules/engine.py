@@ -60,6 +60,9 @@ def default_policies() -> PolicySet:
     )
 
 
+CURRENT_CLIENT_VERSION = "3.5.0"
+
+
 @dataclass(frozen=True)
 class Orchestrator:
     """Everything a transition needs besides the store and the run: policies, clock, settings."""
@@ -67,6 +70,10 @@ class Orchestrator:
     policies: PolicySet = field(default_factory=default_policies)
     clock: Clock = utcnow
     settings: RuleSettings = field(default_factory=RuleSettings)
+    # The client version flow transitions are decided for. Arbiter's executors speak the
+    # current protocol (they renew deployment leases), so the worker decides as for a
+    # current Prefect client; None would mean Prefect's default for an unknown client, 2.0.0.
+    client_version: str | None = CURRENT_CLIENT_VERSION
 
     async def set_flow_run_state(
         self, store: Store, run: FlowRun, proposed: State | None, *, force: bool = False
@@ -80,6 +87,7 @@ class Orchestrator:
             clock=self.clock,
             settings=self.settings,
             orchestrator=self,
+            client_version=self.client_version,
         )
         await orchestrate(context, self.policies.for_flow(force=force), self.policies.global_flow)
         await store.save_run("flow_run", run)

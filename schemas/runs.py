@@ -11,7 +11,7 @@ import datetime as dt
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from schemas.states import State, StateType, UtcDatetime
 
@@ -49,6 +49,23 @@ class TaskRunPolicy(BaseModel):
         return value
 
 
+class DeploymentSpec(BaseModel):
+    """A deployment as a flow run's description names it: the store creates or updates it
+    (its concurrency settings included) with the run. Prefect's deployment concurrency:
+    at most ``concurrency_limit`` of its runs between PENDING and the end of RUNNING;
+    ``collision_strategy`` says what a run that finds the limit full gets (ENQUEUE: back
+    to Scheduled "AwaitingConcurrencySlot"; CANCEL_NEW: Cancelled); a slot's lease lasts
+    ``grace_period_seconds`` (else the workers' ``ARBITER_DEPLOYMENT_LEASE_DURATION_S``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    id: uuid.UUID
+    name: str = ""
+    concurrency_limit: int | None = Field(default=None, ge=0)
+    collision_strategy: Literal["ENQUEUE", "CANCEL_NEW"] = "ENQUEUE"
+    grace_period_seconds: int | None = Field(default=None, ge=60, le=86400)
+
+
 class FlowRunSpec(BaseModel):
     """How an executor describes a flow run it proposes a state for the first time."""
 
@@ -63,6 +80,16 @@ class FlowRunSpec(BaseModel):
     idempotency_key: str | None = None
     infrastructure_pid: str | None = None
     empirical_policy: FlowRunPolicy = Field(default_factory=FlowRunPolicy)
+    deployment: DeploymentSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_deployment(self) -> FlowRunSpec:
+        if self.deployment is not None:
+            if self.deployment_id is None:
+                self.deployment_id = self.deployment.id
+            elif self.deployment_id != self.deployment.id:
+                raise ValueError("deployment_id and deployment.id name different deployments")
+        return self
 
 
 class TaskRunSpec(BaseModel):
@@ -141,7 +168,7 @@ class FlowRun(_RunBase):
 
     @classmethod
     def from_spec(cls, run_id: uuid.UUID, spec: FlowRunSpec) -> FlowRun:
-        return cls(id=run_id, **spec.model_dump())
+        return cls(id=run_id, **spec.model_dump(exclude={"deployment"}))
 
 
 class TaskRun(_RunBase):

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from rules.context import OrchestrationContext
 from rules.engine import Orchestrator
 from rules.errors import StoreError
+from rules.store import Deployment
 from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
-from schemas.runs import RunKind
+from schemas.runs import DeploymentSpec, RunKind
 from worker import parking
 from worker.db.batch_store import BatchStore, RunKey
 from worker.db.store import PgStore, ProcessedProposal
@@ -178,6 +179,7 @@ async def process_batch(
     aborts = aborts or {}
     proposals = [decoded.proposal for decoded in batch]
     runs = await _lock_and_create(db, proposals, aborts)
+    await _upsert_deployments(db, proposals, runs.new)
     store = BatchStore(db, runs.locked, runs.new)
     await _prepare(store, db)
 
@@ -221,6 +223,20 @@ async def process_batch(
     await parking.park(db, batch, results, now)
     await parking.wake_waiters(db, store.freed_tags, now)
     return results
+
+
+async def _upsert_deployments(
+    db: PgStore, proposals: list[Proposal], new: dict[RunKey, int]
+) -> None:
+    """The deployments that new flow runs' descriptions name, created or updated before
+    the rules run (the latest description wins), in deployment-id order."""
+    named: dict[uuid.UUID, DeploymentSpec] = {}
+    for index in sorted(new.values()):
+        spec = proposals[index].run
+        if isinstance(spec, FlowRunSpec) and spec.deployment is not None:
+            named[spec.deployment.id] = spec.deployment
+    for deployment_id in sorted(named):
+        await db.upsert_deployment(Deployment(**named[deployment_id].model_dump()))
 
 
 async def _prepare(store: BatchStore, db: PgStore) -> None:

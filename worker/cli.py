@@ -186,6 +186,59 @@ async def _global_limits(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _deployments(settings: Settings, args: argparse.Namespace) -> int:
+    """Deployments and their concurrency settings (their runs may also name them)."""
+    from rules.store import Deployment, deployment_limit_name
+    from worker.db.store import PgStore
+
+    async with open_database(settings) as engine, engine.begin() as conn:
+        store = PgStore(conn)
+        if args.deployments_command == "set":
+            deployment = Deployment(
+                args.deployment_id,
+                args.name,
+                args.limit,
+                args.collision_strategy,
+                args.grace_period_seconds,
+            )
+            await store.upsert_deployment(deployment)
+            print(f"deployment {args.deployment_id} set")
+            return 0
+        if args.deployments_command == "rm":
+            if not await store.delete_deployment(args.deployment_id):
+                print(f"arbiter: no deployment {args.deployment_id}", file=sys.stderr)
+                return 1
+            print(f"deployment {args.deployment_id} removed")
+            return 0
+        deployments = await store.list_deployments()
+        limits = {limit.name: limit for limit in await store.list_global_limits()}
+    rows = []
+    for d in deployments:
+        limit = limits.get(deployment_limit_name(d.id))
+        rows.append(
+            {
+                "id": str(d.id),
+                "name": d.name,
+                "concurrency_limit": d.concurrency_limit,
+                "collision_strategy": d.collision_strategy,
+                "grace_period_seconds": d.grace_period_seconds,
+                "active_slots": limit.active_slots if limit else 0,
+                "holders": sorted(limit.holders) if limit else [],
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'ID':<36} {'NAME':<20} {'LIMIT':>5} {'ACTIVE':>6}  STRATEGY")
+        for row in rows:
+            shown = "-" if row["concurrency_limit"] is None else row["concurrency_limit"]
+            print(
+                f"{row['id']:<36} {row['name']:<20} {shown:>5} {row['active_slots']:>6}"
+                f"  {row['collision_strategy']}"
+            )
+    return 0
+
+
 async def _sweep(settings: Settings) -> int:
     """One pass of the background sweeps by hand; prints what each transitioned, as JSON."""
     from worker.runtime import build_runtime
@@ -206,6 +259,13 @@ async def _sweep(settings: Settings) -> int:
 
 _GLOBAL_HELP = "a global (V2) limit by name; tasks use those named tag:<tag>"
 _DECAY_HELP = "global: a rate limit, each slot frees itself 1/decay seconds after it is taken"
+
+
+def _grace_seconds(text: str) -> int:
+    value = int(text)
+    if not 60 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be from 60 to 86400: {text!r}")
+    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -249,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "sweep", help="one pass of the background sweeps (late runs, expired pauses, cleanup)"
     )
+    deployments = commands.add_parser(
+        "deployments", help="deployments and their concurrency limits"
+    ).add_subparsers(dest="deployments_command", required=True)
+    dset = deployments.add_parser("set", help="create or change a deployment")
+    dset.add_argument("deployment_id", type=uuid.UUID, metavar="ID")
+    dset.add_argument("--name", default="")
+    dset.add_argument("--limit", type=_non_negative, default=None, help="none: no limit")
+    dset.add_argument("--collision-strategy", choices=("ENQUEUE", "CANCEL_NEW"), default="ENQUEUE")
+    dset.add_argument("--grace-period-seconds", type=_grace_seconds, default=None)
+    dls = deployments.add_parser("ls", help="list deployments and the runs holding their slots")
+    dls.add_argument("--json", action="store_true")
+    drm = deployments.add_parser("rm", help="remove a deployment (and its limit)")
+    drm.add_argument("deployment_id", type=uuid.UUID, metavar="ID")
     limits = commands.add_parser(
         "limits", help="tag concurrency limits (V1), or with --global the global (V2) limits"
     ).add_subparsers(dest="limits_command", required=True)
@@ -297,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_sweep(settings))
         if args.command == "proposals":
             return asyncio.run(_proposals_show(settings, args.proposal_id))
+        if args.command == "deployments":
+            return asyncio.run(_deployments(settings, args))
         return asyncio.run(_limits(settings, args))
     except ServiceError as exc:
         print(f"arbiter: error: {exc}", file=sys.stderr)

@@ -72,6 +72,8 @@ def build_orchestrator(settings: Settings) -> Orchestrator:
             max_cache_key_length=settings.max_cache_key_length,
             tag_concurrency_slot_wait_s=settings.tag_concurrency_slot_wait_s,
             slot_lease_ttl_s=settings.slot_lease_ttl_s,
+            deployment_concurrency_slot_wait_s=settings.deployment_concurrency_slot_wait_s,
+            deployment_lease_duration_s=settings.deployment_lease_duration_s,
         ),
     )
 

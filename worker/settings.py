@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     tag_concurrency_slot_wait_s: int = Field(default=10, ge=0)
     # A global-limit slot's lease: renewed by the holder's accepted transitions.
     slot_lease_ttl_s: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    # Deployment concurrency (Prefect's defaults): an ENQUEUEd run's wait, and the lease of
+    # a deployment slot whose deployment sets no grace period.
+    deployment_concurrency_slot_wait_s: int = Field(default=30, ge=0)
+    deployment_lease_duration_s: float = Field(default=300.0, ge=30, le=3600)
 
     # Background sweeps (worker/sweepers.py): late runs, expired pauses, task runs of
     # cancelled flow runs, retention. Safe on every worker at once.

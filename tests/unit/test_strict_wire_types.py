@@ -143,6 +143,10 @@ def proposal_with(field: WireField, value: object) -> bytes:
     node = document
     for key in field.path[:-1]:
         node = node.setdefault(key, {})
+    if field.path[-2:-1] == ("deployment",):
+        node["id"] = str(uuid.uuid4())  # a deployment is named by its id
+        if field.path[-1] == "grace_period_seconds" and value == 3:
+            value = 600  # the right type, within the 60 to 86400 s allowed
     node[field.path[-1]] = [value] if field.in_list else value
     return json.dumps(document).encode()
 
@@ -178,6 +182,7 @@ def test_the_walk_reaches_every_wire_model_and_every_kind() -> None:
         "StateDetails",
         "FlowRunSpec",
         "FlowRunPolicy",
+        "DeploymentSpec",
         "TaskRunSpec",
         "TaskRunPolicy",
     }

@@ -116,6 +116,50 @@ class TestFlowConcurrencyLimits:
         assert ctx.response_status == SetStateStatus.ACCEPT
         assert await active(store, deployment_id) == 1
 
+    @pytest.mark.parametrize(("initial", "proposed"), [(P, P), (P, R), (P, CG)])
+    async def test_ignored_release_transitions_are_accepted(
+        self, store: AdminStore, initial: StateType, proposed: StateType
+    ) -> None:
+        """Into PENDING, RUNNING or CANCELLING nothing is released (the holder's own
+        transitions: any other initial state would have released the slot already)."""
+        deployment_id = await a_deployment(store, 1)
+        held = await pending(store, deployment_id)
+
+        ctx = await transition(
+            store, deployment_id, initial, proposed, [ReleaseFlowConcurrencySlots], run=held.run
+        )
+
+        assert ctx.response_status == SetStateStatus.ACCEPT
+        assert await active(store, deployment_id) == 1
+
+    async def test_error_handling(self, store: AdminStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The deployment cannot be read: the rule's error ABORTs, no slot is taken."""
+        deployment_id = await a_deployment(store, 1)
+
+        async def broken(deployment_id: uuid.UUID) -> None:
+            raise RuntimeError("the deployment could not be read")
+
+        monkeypatch.setattr(store, "read_deployment", broken)
+        ctx = await pending(store, deployment_id)
+        monkeypatch.undo()
+
+        assert ctx.response_status == SetStateStatus.ABORT
+        assert await active(store, deployment_id) == 0
+
+    @pytest.mark.parametrize("client_version", ["3.0.0rc20", "3.0.3"])
+    async def test_workers_that_manage_deployment_concurrency_are_not_given_slots(
+        self, store: AdminStore, client_version: str
+    ) -> None:
+        deployment_id = await a_deployment(store, 1)
+
+        ctx = await transition(
+            store, deployment_id, S, P, SECURE_RELEASE, client_version=client_version
+        )
+
+        assert ctx.response_status == SetStateStatus.ACCEPT
+        assert lease_of(ctx) is None
+        assert await active(store, deployment_id) == 0
+
     async def test_secure_concurrency_slots(self, store: AdminStore) -> None:
         deployment_id = await a_deployment(store, 2)
         first, second = await pending(store, deployment_id), await pending(store, deployment_id)
