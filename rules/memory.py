@@ -88,7 +88,7 @@ class InMemoryStore:
 
     async def lock_tag_limits(self, tags: list[str]) -> list[TagLimit]:
         return [
-            TagLimit(tag=limit.tag, limit=limit.limit, active_slots=list(limit.active_slots))
+            limit.copy()
             for tag in sorted(set(tags))
             if (limit := self.tag_limits.get(tag)) is not None
         ]
@@ -96,6 +96,7 @@ class InMemoryStore:
     async def save_tag_limit(self, limit: TagLimit) -> None:
         if limit.tag in self.tag_limits:
             self.tag_limits[limit.tag].active_slots = list(limit.active_slots)
+            self.tag_limits[limit.tag].expires = dict(limit.expires)
 
     async def read_deployment(self, deployment_id: uuid.UUID) -> Deployment | None:
         found = self.deployments.get(deployment_id)
@@ -132,10 +133,7 @@ class InMemoryStore:
         return self.tag_limits.pop(tag, None) is not None
 
     async def list_tag_limits(self) -> list[TagLimit]:
-        return [
-            TagLimit(tag=t.tag, limit=t.limit, active_slots=list(t.active_slots))
-            for t in sorted(self.tag_limits.values(), key=lambda t: t.tag)
-        ]
+        return [t.copy() for t in sorted(self.tag_limits.values(), key=lambda t: t.tag)]
 
     async def upsert_global_limit(
         self, name: str, limit: int, *, active: bool = True, slot_decay_per_second: float = 0.0

@@ -25,11 +25,19 @@ from schemas.states import State
 
 @dataclass
 class TagLimit:
-    """A V1 tag concurrency limit: at most ``limit`` task runs hold a slot at once."""
+    """A V1 tag concurrency limit: at most ``limit`` task runs hold a slot at once.
+
+    ``expires`` leases the slots: holder → when its slot frees itself unless the holder's
+    transitions renew it. A holder without an entry (a slot taken before leases) keeps it
+    until it leaves RUNNING."""
 
     tag: str
     limit: int
     active_slots: list[str] = field(default_factory=list)
+    expires: dict[str, dt.datetime] = field(default_factory=dict)
+
+    def copy(self) -> TagLimit:
+        return TagLimit(self.tag, self.limit, list(self.active_slots), dict(self.expires))
 
 
 @dataclass

@@ -124,7 +124,13 @@ async def _limits(settings: Settings, args: argparse.Namespace) -> int:
         limits = await store.list_tag_limits()
     if args.json:
         rows = [
-            {"tag": lim.tag, "limit": lim.limit, "active_slots": lim.active_slots} for lim in limits
+            {
+                "tag": lim.tag,
+                "limit": lim.limit,
+                "active_slots": lim.active_slots,
+                "slot_expires": {run: at.isoformat() for run, at in sorted(lim.expires.items())},
+            }
+            for lim in limits
         ]
         print(json.dumps(rows, indent=2))
     else:

@@ -33,6 +33,7 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from rules.core import global_limits as v2
+from rules.core.concurrency import reclaim_expired_tag_slots
 from rules.engine import Orchestrator
 from rules.policies import MarkLateRunsPolicy
 from schemas import Proposal, ProposedState, StateType
@@ -42,6 +43,7 @@ from worker import parking
 from worker.batch import RuleFailed, process_batch
 from worker.db import global_limits
 from worker.db import sweeps as sql
+from worker.db.rows import tag_limit_from
 from worker.db.store import PgStore
 from worker.db.transaction import store_transaction
 from worker.decode import Decoded, body_digest
@@ -193,6 +195,29 @@ class Sweeper:
                 self.metrics.swept.labels("expired_leases", "reclaimed").inc(freed)
             reclaimed += freed
             if len(limits) < self.settings.batch_max:
+                return reclaimed + await self._reclaim_expired_tag_slots()
+
+    async def _reclaim_expired_tag_slots(self) -> int:
+        """The same for V1 tag limits."""
+        clock = self._orchestrators[False].clock
+        reclaimed = 0
+        while True:
+            async with store_transaction(self.engine) as store:
+                now = clock()
+                rows = await store.fetch_rows(sql.EXPIRED_TAG_SLOTS, now, self.settings.batch_max)
+                freed, tags = 0, set()
+                for limit in (tag_limit_from(row) for row in rows):
+                    before = len(limit.active_slots)
+                    reclaim_expired_tag_slots(limit, now)
+                    await store.save_tag_limit(limit)
+                    if len(limit.active_slots) < before:
+                        freed += before - len(limit.active_slots)
+                        tags.add(limit.tag)
+                await parking.wake_waiters(store, tags, now)
+            if freed:
+                self.metrics.swept.labels("expired_leases", "reclaimed").inc(freed)
+            reclaimed += freed
+            if len(rows) < self.settings.batch_max:
                 return reclaimed
 
     async def run_forever(self) -> None:

@@ -37,6 +37,8 @@ in the same call.
 
 from __future__ import annotations
 
+import datetime as dt
+
 from rules.base import (
     ALL_ORCHESTRATION_STATES,
     StateTypeOrNone,
@@ -93,7 +95,10 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
         v1_tags = [tag for tag in context.run.tags if tag not in governed]
         if not v1_tags:
             return
+        now = context.now()
         for limit in await context.store.lock_tag_limits(v1_tags):
+            if reclaim_expired_tag_slots(limit, now):
+                await context.store.save_tag_limit(limit)
             if limit.limit == 0:
                 await self._release_claimed(context, run_id)
                 await self.abort_transition(
@@ -108,10 +113,15 @@ class SecureTaskConcurrencySlots(TaskRunOrchestrationRule):
                     reason=f"Concurrency limit for the {limit.tag} tag has been reached",
                 )
                 return
+            expires = now + dt.timedelta(seconds=context.settings.slot_lease_ttl_s)
             if run_id not in limit.active_slots:
                 limit.active_slots.append(run_id)
+                limit.expires[run_id] = expires
                 await context.store.save_tag_limit(limit)
                 self._claimed.append(limit)
+            elif limit.expires.get(run_id) != expires:
+                limit.expires[run_id] = expires  # a restart renews the lease
+                await context.store.save_tag_limit(limit)
 
     async def _secure_global(
         self, context: TaskOrchestrationContext, run_id: str
@@ -200,6 +210,7 @@ class ReleaseTaskConcurrencySlots(TaskRunUniversalTransform):
         names = [v2.TAG_PREFIX + tag for tag in context.run.tags]
         if validated.type in _KEEPS_SLOTS:
             await _renew_global(context, names, run_id)
+            await _renew_tags(context, run_id)
             return
         await _release_global(context, names, run_id)
         await _remove_holder(context.store, context.run.tags, run_id)
@@ -224,6 +235,29 @@ async def _renew_global(context: TaskOrchestrationContext, names: list[str], run
             await context.store.save_global_limit(limit)
 
 
+def reclaim_expired_tag_slots(limit: TagLimit, now: dt.datetime) -> bool:
+    """Free the slots whose lease expired (their holder never came back); whether any."""
+    expired = [holder for holder, at in limit.expires.items() if at <= now]
+    for holder in expired:
+        del limit.expires[holder]
+        if holder in limit.active_slots:
+            limit.active_slots.remove(holder)
+    return bool(expired)
+
+
+async def _renew_tags(context: TaskOrchestrationContext, run_id: str) -> None:
+    """An accepted transition of a holder that keeps its tag slots renews their leases."""
+    now = context.now()
+    expires = now + dt.timedelta(seconds=context.settings.slot_lease_ttl_s)
+    for limit in await context.store.lock_tag_limits(context.run.tags):
+        changed = reclaim_expired_tag_slots(limit, now)
+        if run_id in limit.active_slots and limit.expires.get(run_id) != expires:
+            limit.expires[run_id] = expires
+            changed = True
+        if changed:
+            await context.store.save_tag_limit(limit)
+
+
 async def _remove_holder(store: Store, tags: list[str], run_id: str) -> None:
     """Remove ``run_id`` from the active slots of these tags' limits (locked in tag order)."""
     for limit in await store.lock_tag_limits(tags):
@@ -234,4 +268,5 @@ async def _drop_holder(store: Store, limit: TagLimit, run_id: str) -> None:
     """Take ``run_id`` out of a locked limit's active slots, if it holds one there."""
     if run_id in limit.active_slots:
         limit.active_slots.remove(run_id)
+        limit.expires.pop(run_id, None)
         await store.save_tag_limit(limit)

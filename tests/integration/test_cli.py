@@ -43,7 +43,7 @@ def test_limits_set_ls_rm(settings: Settings) -> None:
     assert arbiter(settings, "limits", "set", tag, "3").returncode == 0
     assert arbiter(settings, "limits", "set", tag, "5").returncode == 0
     listed = json.loads(arbiter(settings, "limits", "ls", "--json").stdout)
-    assert {"tag": tag, "limit": 5, "active_slots": []} in listed
+    assert {"tag": tag, "limit": 5, "active_slots": [], "slot_expires": {}} in listed
     assert tag in arbiter(settings, "limits", "ls").stdout
     assert arbiter(settings, "limits", "rm", tag).returncode == 0
     missing = arbiter(settings, "limits", "rm", tag)

@@ -181,3 +181,43 @@ async def test_a_release_wakes_the_parked_waiter_before_its_back_off(
     assert done.status is OutcomeStatus.ACCEPT
     assert got.status is OutcomeStatus.ACCEPT
     assert woken_after < 1.0
+
+
+async def test_two_sweepers_free_each_expired_tag_slot_once(
+    settings: Settings, engine: AsyncEngine
+) -> None:
+    """The same for V1 tag limits: 30 limits, one expired slot and one live each."""
+    prefix = f"v1sweep-{uuid.uuid4().hex[:8]}"
+    now = utcnow()
+    tags = [f"{prefix}-{i:02}" for i in range(30)]
+    live = {tag: str(uuid.uuid4()) for tag in tags}
+    async with store_transaction(engine) as store:
+        for tag in tags:
+            await store.upsert_tag_limit(tag, 2)
+        for limit in await store.lock_tag_limits(tags):
+            gone = str(uuid.uuid4())
+            limit.active_slots = [gone, live[limit.tag]]
+            limit.expires = {
+                gone: now - dt.timedelta(minutes=1),
+                live[limit.tag]: now + dt.timedelta(hours=1),
+            }
+            await store.save_tag_limit(limit)
+    async with engine.connect() as conn:
+        every = await PgStore(conn).list_tag_limits()
+    expired = sum(1 for lim in every for at in lim.expires.values() if at <= utcnow()) + (
+        await expired_leases_in_the_database(engine, utcnow())
+    )
+
+    sweepers = [await started_sweeper(settings), await started_sweeper(settings)]
+    try:
+        freed = await asyncio.gather(*(s.reclaim_expired_leases() for s in sweepers * 2))
+    finally:
+        for sweeper in sweepers:
+            await stopped(sweeper)
+
+    assert sum(freed) == expired
+    async with engine.connect() as conn:
+        limits = [lim for lim in await PgStore(conn).list_tag_limits() if lim.tag in live]
+    assert len(limits) == 30
+    assert all(limit.active_slots == [live[limit.tag]] for limit in limits)
+    assert all(list(limit.expires) == [live[limit.tag]] for limit in limits)

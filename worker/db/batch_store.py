@@ -23,7 +23,7 @@ from schemas.runs import FlowRun, RunKind, TaskRun
 from schemas.states import State, StateType
 from worker.db import statements as sql
 from worker.db.global_limits import save_many
-from worker.db.rows import run_values, state_values
+from worker.db.rows import run_values, slot_expires_json, state_values
 from worker.db.storable import unstorable
 from worker.db.store import BatchRows, PgStore
 
@@ -199,14 +199,10 @@ class BatchStore:
             found = {limit.tag: limit for limit in await self.db.lock_tag_limits(missing)}
             for tag in missing:
                 self._limits[tag] = found.get(tag)
-        return [
-            TagLimit(limit.tag, limit.limit, list(limit.active_slots))
-            for tag in wanted
-            if (limit := self._limits[tag]) is not None
-        ]
+        return [limit.copy() for tag in wanted if (limit := self._limits[tag]) is not None]
 
     async def save_tag_limit(self, limit: TagLimit) -> None:
-        saved = TagLimit(limit.tag, limit.limit, list(limit.active_slots))
+        saved = limit.copy()
         before = self._limits.get(limit.tag)
         if before is not None and len(saved.active_slots) < len(before.active_slots):
             self.freed_tags.add(limit.tag)
@@ -288,7 +284,13 @@ class BatchStore:
             for e in pending.cache
         ]
         rows.json["limits"] = [
-            _row({"tag": limit.tag, "active_slots": list(limit.active_slots)})
+            _row(
+                {
+                    "tag": limit.tag,
+                    "active_slots": list(limit.active_slots),
+                    "slot_expires": slot_expires_json(limit),
+                }
+            )
             for limit in pending.limits.values()
         ]
         rows.json["records"] = pending.records

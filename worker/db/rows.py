@@ -3,6 +3,7 @@ proposal or a tag limit, both ways. Shared by ``PgStore`` and the batch overlay.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,8 @@ __all__ = [
     "processed_from",
     "run_from",
     "run_values",
+    "slot_expires_from",
+    "slot_expires_json",
     "state_from",
     "state_values",
     "tag_limit_from",
@@ -72,7 +75,20 @@ def state_values(kind: sql.RunTables, run_id: uuid.UUID, state: State) -> dict[s
     }
 
 
-def tag_limit_from(row: RowMapping) -> TagLimit:
+def tag_limit_from(record: Any) -> TagLimit:
+    """From an asyncpg record (the worker's transactions) or a SQLAlchemy row."""
+    row = getattr(record, "_mapping", record)
     return TagLimit(
-        tag=row["tag"], limit=row["concurrency_limit"], active_slots=list(row["active_slots"])
+        tag=row["tag"],
+        limit=row["concurrency_limit"],
+        active_slots=list(row["active_slots"]),
+        expires=slot_expires_from(row["slot_expires"]),
     )
+
+
+def slot_expires_from(value: Mapping[str, str]) -> dict[str, dt.datetime]:
+    return {holder: dt.datetime.fromisoformat(at) for holder, at in value.items()}
+
+
+def slot_expires_json(limit: TagLimit) -> dict[str, str]:
+    return {holder: at.isoformat() for holder, at in limit.expires.items()}

@@ -135,7 +135,7 @@ FIND_CACHED = (
 INSERT_CACHE_ENTRY = sa.insert(_CACHE)
 # The same lock as plain SQL for the driver: $1 the tags.
 LOCK_TAG_LIMITS_SQL = (
-    f"SELECT tag, concurrency_limit, active_slots FROM {_LIMITS.name}"
+    f"SELECT tag, concurrency_limit, active_slots, slot_expires FROM {_LIMITS.name}"
     f' WHERE tag = ANY(CAST($1 AS text[])) ORDER BY tag COLLATE "C" FOR UPDATE'
 )
 SAVE_TAG_LIMIT = (
@@ -217,7 +217,8 @@ def _write_batch() -> str:
         f"cache AS (INSERT INTO {cache} ({cache_cols}) SELECT {cache_cols}"
         f" FROM jsonb_populate_recordset(NULL::{cache}, {_json('cache')})"
         f" WITH ORDINALITY AS written ORDER BY written.ordinality)",
-        f"limits AS (UPDATE {limits} AS t SET active_slots = r.active_slots, updated = now()"
+        f"limits AS (UPDATE {limits} AS t SET active_slots = r.active_slots,"
+        " slot_expires = r.slot_expires, updated = now()"
         f" FROM jsonb_populate_recordset(NULL::{limits}, {_json('limits')}) AS r"
         " WHERE t.tag = r.tag)",
         f"recorded AS (INSERT INTO {processed} ({processed_cols}) SELECT {processed_cols}"

@@ -43,6 +43,7 @@ from worker.db.rows import (
     processed_from,
     run_from,
     run_values,
+    slot_expires_json,
     state_from,
     state_values,
     tag_limit_from,
@@ -259,12 +260,14 @@ class PgStore(GlobalLimitRows, DeploymentRows):
         if not tags:
             return []
         rows = await self._fetch(sql.LOCK_TAG_LIMITS_SQL, sorted(set(tags)))
-        return [
-            TagLimit(tag=tag, limit=limit, active_slots=list(slots)) for tag, limit, slots in rows
-        ]
+        return [tag_limit_from(row) for row in rows]
 
     async def save_tag_limit(self, limit: TagLimit) -> None:
-        params = {"limit_tag": limit.tag, "active_slots": list(limit.active_slots)}
+        params = {
+            "limit_tag": limit.tag,
+            "active_slots": list(limit.active_slots),
+            "slot_expires": slot_expires_json(limit),
+        }
         await self._execute(sql.SAVE_TAG_LIMIT, params)
 
     async def upsert_tag_limit(self, tag: str, limit: int) -> None:
@@ -284,9 +287,9 @@ class PgStore(GlobalLimitRows, DeploymentRows):
 
     async def list_tag_limits(self) -> list[TagLimit]:
         c = tables.concurrency_limit
-        statement = sa.select(c.c.tag, c.c.concurrency_limit, c.c.active_slots).order_by(
-            c.c.tag.collate("C")
-        )
+        statement = sa.select(
+            c.c.tag, c.c.concurrency_limit, c.c.active_slots, c.c.slot_expires
+        ).order_by(c.c.tag.collate("C"))
         return [tag_limit_from(row) for row in (await self._execute(statement)).mappings()]
 
     # -- processed proposals -------------------------------------------------------------------

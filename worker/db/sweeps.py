@@ -51,3 +51,13 @@ ORDER BY t.id
 LIMIT $3
 FOR UPDATE OF t SKIP LOCKED
 """
+
+# V1 tag limits holding a slot whose lease expired by $1 (rules.store.TagLimit), skipping
+# rows another transaction holds, $2 at most.
+EXPIRED_TAG_SLOTS = """
+SELECT tag, concurrency_limit, active_slots, slot_expires FROM concurrency_limit AS t
+WHERE EXISTS (
+    SELECT 1 FROM jsonb_each_text(t.slot_expires) AS e WHERE e.value::timestamptz <= $1
+)
+ORDER BY tag COLLATE "C" LIMIT $2 FOR UPDATE SKIP LOCKED
+"""

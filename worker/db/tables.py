@@ -147,6 +147,8 @@ concurrency_limit = sa.Table(
     sa.Column("active_slots", JSONB, nullable=False, server_default=_EMPTY_LIST),
     _created(),
     sa.Column("updated", sa.DateTime(timezone=True), nullable=False, server_default=_NOW),
+    # The slots' leases: holder → expiry (ISO 8601), see rules.store.TagLimit.
+    sa.Column("slot_expires", JSONB, nullable=False, server_default=_EMPTY_OBJECT),
     sa.CheckConstraint("concurrency_limit >= 0", name="limit_not_negative"),
 )
 

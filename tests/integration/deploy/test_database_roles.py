@@ -158,7 +158,9 @@ def test_the_reader_runs_the_read_only_commands(roles: Roles) -> None:
     assert cli(roles.worker, "limits", "set", "warehouse", "3").returncode == 0
     listed = cli(roles.reader, "limits", "ls", "--json")
     assert listed.returncode == 0, listed.stderr
-    assert {"tag": "warehouse", "limit": 3, "active_slots": []} in json.loads(listed.stdout)
+    assert {"tag": "warehouse", "limit": 3, "active_slots": [], "slot_expires": {}} in json.loads(
+        listed.stdout
+    )
     unknown = cli(roles.reader, "runs", "show", str(uuid.uuid4()))
     assert unknown.returncode == 1, unknown.stderr
     assert "no flow run or task run" in unknown.stderr

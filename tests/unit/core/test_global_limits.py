@@ -332,3 +332,51 @@ class TestLeases:
         delay = blocked.response_details.delay_seconds  # type: ignore[union-attr]
         # Around the default average occupancy of 2 s, clamped to within 1.3 times it.
         assert 1 <= delay <= 3
+
+
+class TestTagSlotLeases:
+    """V1 tag slots are leased too (``TagLimit.expires``)."""
+
+    async def test_an_expired_tag_slot_is_reclaimed_by_the_next_claimer(
+        self, store: AdminStore
+    ) -> None:
+        await store.upsert_tag_limit("v1-lease", 1)
+        vanished = await run_to(store, ["v1-lease"])
+        ttl = dt.timedelta(seconds=vanished.settings.slot_lease_ttl_s)
+        [limit] = await store.lock_tag_limits(["v1-lease"])
+        assert limit.expires == {str(vanished.run.id): NOW + ttl}
+
+        before = await run_to(store, ["v1-lease"], now=NOW + ttl - dt.timedelta(seconds=1))
+        after = await run_to(store, ["v1-lease"], now=NOW + ttl)
+
+        assert before.response_status == SetStateStatus.WAIT
+        assert after.response_status == SetStateStatus.ACCEPT
+        assert await slots(store, "v1-lease") == [str(after.run.id)]
+
+    async def test_a_holders_transition_renews_its_tag_lease(self, store: AdminStore) -> None:
+        await store.upsert_tag_limit("v1-renew", 1)
+        ctx = await run_to(store, ["v1-renew"])
+        later = NOW + dt.timedelta(seconds=100)
+        cancelling = await initialize_orchestration(
+            store,
+            "task",
+            StateType.RUNNING,
+            StateType.CANCELLING,
+            run_override=ctx.run,
+            orchestrator=frozen_orchestrator(later),
+        )
+
+        await apply_rules(cancelling, RULES)
+
+        [limit] = await store.lock_tag_limits(["v1-renew"])
+        ttl = dt.timedelta(seconds=ctx.settings.slot_lease_ttl_s)
+        assert limit.expires == {str(ctx.run.id): later + ttl}
+
+    async def test_leaving_running_drops_the_lease_with_the_slot(self, store: AdminStore) -> None:
+        await store.upsert_tag_limit("v1-done", 1)
+        ctx = await run_to(store, ["v1-done"])
+
+        await finish(store, ctx)
+
+        [limit] = await store.lock_tag_limits(["v1-done"])
+        assert (limit.active_slots, limit.expires) == ([], {})
