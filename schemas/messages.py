@@ -82,6 +82,9 @@ class Proposal(BaseModel):
     follow_waits: bool = False
     max_wait_s: float | None = Field(default=None, gt=0)
     wait_notices: bool = False
+    # An explicit lease renewal (docs/protocol.md §4.9): no state is written, the run's
+    # slots' leases are renewed; ``state`` is not read.
+    renew_leases: bool = False
 
     @field_validator("run", mode="wrap")
     @classmethod

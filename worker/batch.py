@@ -20,10 +20,21 @@ import uuid
 from dataclasses import dataclass
 
 from rules.context import OrchestrationContext
+from rules.core.leases import renew_run_slots
 from rules.engine import Orchestrator
 from rules.errors import StoreError
 from rules.store import Deployment
-from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
+from schemas import (
+    ErrorCode,
+    FlowRun,
+    FlowRunSpec,
+    Outcome,
+    OutcomeDetails,
+    OutcomeStatus,
+    Proposal,
+    TaskRun,
+    TaskRunSpec,
+)
 from schemas.runs import DeploymentSpec, RunKind
 from worker import parking
 from worker.db.batch_store import BatchStore, RunKey
@@ -206,7 +217,10 @@ async def process_batch(
                 again = Processed(processed.outcome, processed.outbox, replayed=True)
                 results.append(parking.replayed(decoded, again))
             continue
-        processed = await _decide(store, orchestrator, index, proposal, aborts.get(index))
+        if proposal.renew_leases and index not in aborts:
+            processed = await _renew(store, orchestrator, proposal)
+        else:
+            processed = await _decide(store, orchestrator, index, proposal, aborts.get(index))
         processed = parking.mark_parked(decoded, processed)
         store.record(
             proposal.proposal_id,
@@ -256,6 +270,22 @@ async def _prepare(store: BatchStore, db: PgStore) -> None:
         # All at once, in tag order, so batches never wait for each other's limits in
         # opposite orders; a single task run's rules lock its tags themselves, in order.
         await store.lock_tag_limits(tags)
+
+
+async def _renew(store: BatchStore, orchestrator: Orchestrator, proposal: Proposal) -> Processed:
+    """A lease renewal: ACCEPT with the run's state, however many leases it renewed."""
+    run = store.runs[(proposal.run_kind, proposal.run_id)]
+    renewed = await renew_run_slots(store, run, orchestrator.clock(), orchestrator.settings)
+    outcome = Outcome(
+        proposal_id=proposal.proposal_id,
+        run_kind=proposal.run_kind,
+        run_id=proposal.run_id,
+        status=OutcomeStatus.ACCEPT,
+        state=run.state,
+        details=OutcomeDetails(reason=f"Renewed {renewed} slot lease(s); no state written."),
+        run=run.summary(),
+    )
+    return Processed(outcome=outcome)
 
 
 async def _decide(

@@ -30,7 +30,7 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from schemas import FlowRunSpec, Outcome, ProposedState, RunKind, TaskRunSpec
+from schemas import FlowRunSpec, Outcome, ProposedState, RunKind, StateType, TaskRunSpec
 from worker.broker import ClosingRobustConnection
 from worker.settings import Settings
 from worker.topology import Topology, declare_topology
@@ -113,6 +113,7 @@ class ArbiterClient:
         proposal_id: uuid.UUID | None = None,
         follow_waits: bool = False,
         max_wait_s: float | None = None,
+        renew_leases: bool = False,
     ) -> asyncio.Future[Outcome]:
         """Publish one proposal (confirmed by the broker); the future resolves with its outcome
         (with ``follow_waits``, the final one: the pool follows the WAITs)."""
@@ -132,6 +133,8 @@ class ArbiterClient:
             body["follow_waits"] = True
             if max_wait_s is not None:
                 body["max_wait_s"] = max_wait_s
+        if renew_leases:
+            body["renew_leases"] = True
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         message = aio_pika.Message(
             body=json.dumps(body, separators=(",", ":")).encode(),
@@ -206,4 +209,22 @@ class ArbiterClient:
             self._pending.pop(proposal_id, None)
             raise OutcomeTimeoutError(
                 f"no outcome for a {run_kind} {run_id} proposal within {wait_s} s"
+            ) from None
+
+    async def renew_leases(
+        self, run_kind: RunKind, run_id: uuid.UUID, *, timeout_s: float = 30.0
+    ) -> Outcome:
+        """Renew the leases of the slots the run holds (a task working longer than
+        ``ARBITER_SLOT_LEASE_TTL_S`` without a transition): ACCEPT, nothing written."""
+        proposal_id = uuid.uuid4()
+        state = ProposedState(type=StateType.RUNNING)  # not read
+        future = await self.publish(
+            run_kind, run_id, state, proposal_id=proposal_id, renew_leases=True
+        )
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            self._pending.pop(proposal_id, None)
+            raise OutcomeTimeoutError(
+                f"no answer to a lease renewal of {run_kind} {run_id} within {timeout_s} s"
             ) from None

@@ -18,6 +18,7 @@ from schemas.states import utcnow
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_parked_waits import wait_parked
 from tests.integration.test_sweepers import started_sweeper, stopped
+from tests.integration.test_worker_roundtrip import history_of
 from worker.client import ArbiterClient
 from worker.db.engine import create_engine
 from worker.db.store import PgStore
@@ -221,3 +222,43 @@ async def test_two_sweepers_free_each_expired_tag_slot_once(
     assert len(limits) == 30
     assert all(limit.active_slots == [live[limit.tag]] for limit in limits)
     assert all(list(limit.expires) == [live[limit.tag]] for limit in limits)
+
+
+async def test_an_executor_that_renews_keeps_its_slot_past_the_ttl(
+    services: Services, database_url: str
+) -> None:
+    """Leases of 2 s. The holder renews (a `renew_leases` proposal) every 0.5 s for 3 s:
+    a rival proposing RUNNING meanwhile is told to WAIT, and each renewal is an ACCEPT
+    that wrote nothing. Once the holder stops renewing, the rival gets the slot."""
+    settings = isolated_settings(
+        services, database_url, slot_lease_ttl_s=2.0, tag_concurrency_slot_wait_s=1
+    )
+    tag = f"renew-{uuid.uuid4().hex[:8]}"
+    engine = create_engine(settings.database_url)
+    try:
+        async with store_transaction(engine) as store:
+            await store.upsert_tag_limit(tag, 1)
+    finally:
+        await engine.dispose()
+    spec = TaskRunSpec(task_key="t", tags=[tag])
+    holder, rival = uuid.uuid4(), uuid.uuid4()
+    async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
+        for run_id in (holder, rival):
+            await client.propose(
+                "task_run", run_id, ProposedState(type=StateType.PENDING), run=spec
+            )
+        held = await client.propose("task_run", holder, ProposedState(type=StateType.RUNNING))
+        assert held.status is OutcomeStatus.ACCEPT
+        renewals = []
+        for _ in range(6):
+            await asyncio.sleep(0.5)
+            renewals.append(await client.renew_leases("task_run", holder))
+        refused = await client.propose("task_run", rival, ProposedState(type=StateType.RUNNING))
+        await asyncio.sleep(2.5)
+        taken = await client.propose("task_run", rival, ProposedState(type=StateType.RUNNING))
+    assert {r.status for r in renewals} == {OutcomeStatus.ACCEPT}
+    assert all(r.details.reason == "Renewed 1 slot lease(s); no state written." for r in renewals)
+    assert all(r.state is not None and r.state.id == held.state.id for r in renewals)  # type: ignore[union-attr]
+    assert refused.status is OutcomeStatus.WAIT
+    assert taken.status is OutcomeStatus.ACCEPT
+    assert await history_of(settings, holder, "task_run") == ["Pending", "Running"]

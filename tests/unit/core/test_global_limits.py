@@ -12,12 +12,15 @@ V2 limit is left to the V2 limit.
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 
 from rules.context import TaskOrchestrationContext
 from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from rules.core.deployments import SecureFlowConcurrencySlots
+from rules.core.leases import renew_run_slots
 from rules.policy import RuleClass
 from rules.results import SetStateStatus, StateAbortDetails, StateWaitDetails
-from rules.store import AdminStore, GlobalLimit, Lease
+from rules.store import AdminStore, Deployment, GlobalLimit, Lease, deployment_limit_name
 from schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import NOW, apply_rules, frozen_orchestrator, rejecting_rule, slots
@@ -380,3 +383,52 @@ class TestTagSlotLeases:
 
         [limit] = await store.lock_tag_limits(["v1-done"])
         assert (limit.active_slots, limit.expires) == ([], {})
+
+
+class TestExplicitRenewal:
+    """``renew_run_slots``: what a proposal with ``renew_leases`` does."""
+
+    async def test_a_task_renews_its_tag_and_global_slots(self, store: AdminStore) -> None:
+        await store.upsert_global_limit("tag:g", 1)
+        await store.upsert_tag_limit("v1", 1)
+        ctx = await run_to(store, ["g", "v1"])
+        later = NOW + dt.timedelta(seconds=500)
+
+        renewed = await renew_run_slots(store, ctx.run, later, ctx.settings)
+
+        ttl = dt.timedelta(seconds=ctx.settings.slot_lease_ttl_s)
+        assert renewed == 2
+        assert (await limit_named(store, "tag:g")).holders[str(ctx.run.id)].expires == later + ttl
+        [v1] = await store.lock_tag_limits(["v1"])
+        assert v1.expires[str(ctx.run.id)] == later + ttl
+
+    async def test_an_expired_slot_is_not_given_back_by_a_renewal(self, store: AdminStore) -> None:
+        await store.upsert_global_limit("tag:late", 1)
+        ctx = await run_to(store, ["late"])
+        past_expiry = NOW + dt.timedelta(seconds=ctx.settings.slot_lease_ttl_s + 1)
+
+        renewed = await renew_run_slots(store, ctx.run, past_expiry, ctx.settings)
+
+        assert renewed == 0
+        assert await active(store, "tag:late") == 0
+
+    async def test_a_flow_run_renews_its_deployment_slot(self, store: AdminStore) -> None:
+        deployment_id = uuid.uuid4()
+        await store.upsert_deployment(Deployment(deployment_id, concurrency_limit=1))
+        ctx = await initialize_orchestration(
+            store,
+            "flow",
+            StateType.SCHEDULED,
+            StateType.PENDING,
+            deployment_id=deployment_id,
+            orchestrator=frozen_orchestrator(),
+        )
+        ctx = await apply_rules(ctx, [SecureFlowConcurrencySlots])
+        later = NOW + dt.timedelta(seconds=200)
+
+        renewed = await renew_run_slots(store, ctx.run, later, ctx.settings)
+
+        assert renewed == 1
+        limit = await limit_named(store, deployment_limit_name(deployment_id))
+        grace = dt.timedelta(seconds=ctx.settings.deployment_lease_duration_s)
+        assert limit.holders[str(ctx.run.id)].expires == later + grace
