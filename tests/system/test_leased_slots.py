@@ -1,4 +1,4 @@
-"""A global tag limit under fire: two worker processes, one SIGKILLed and restarted twice,
+"""A tag limit (global, or V1) under fire: two worker processes, one SIGKILLed and restarted twice,
 60 task runs racing for 3 leased slots. The slot invariant holds throughout."""
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ RUNS = 60
 LIMIT = 3
 
 
-async def running_now(settings: Settings, run_ids: list[uuid.UUID], tag: str) -> tuple[int, int]:
+async def running_now(
+    settings: Settings, run_ids: list[uuid.UUID], tag: str, kind: str
+) -> tuple[int, int]:
     """(task runs RUNNING, slots held) as the database says now."""
     engine = create_engine(settings.database_url, pool_size=1)
     try:
@@ -37,15 +39,21 @@ async def running_now(settings: Settings, run_ids: list[uuid.UUID], tag: str) ->
                 " AND id = ANY($1::uuid[])",
                 run_ids,
             )
-            [limit] = [lim for lim in await store.list_global_limits() if lim.name == f"tag:{tag}"]
+            if kind == "global":
+                limits = await store.list_global_limits()
+                [held] = [lim.active_slots for lim in limits if lim.name == f"tag:{tag}"]
+            else:
+                tag_limits = await store.list_tag_limits()
+                [held] = [len(lim.active_slots) for lim in tag_limits if lim.tag == tag]
     finally:
         await engine.dispose()
-    return int(rows[0][0]), limit.active_slots
+    return int(rows[0][0]), held
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["global", "v1"])
 async def test_sixty_tasks_three_leased_slots_and_a_worker_killed_twice(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, kind: str
 ) -> None:
     """Each executor proposes RUNNING once (the pool follows its WAITs), works 0.1 s and
     proposes COMPLETED. Meanwhile one worker is SIGKILLed and restarted, twice. Sampled
@@ -55,9 +63,10 @@ async def test_sixty_tasks_three_leased_slots_and_a_worker_killed_twice(
         update={"tag_concurrency_slot_wait_s": 1, "parked_poll_s": 0.2, "slot_lease_ttl_s": 60}
     )
     tag = f"leased-{uuid.uuid4().hex[:8]}"
+    limit_args = ["--global", f"tag:{tag}", "3"] if kind == "global" else [tag, "3"]
     await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "worker.cli", "limits", "set", "--global", f"tag:{tag}", "3"],
+        [sys.executable, "-m", "worker.cli", "limits", "set", *limit_args],
         env=settings_env(settings),
         check=True,
         capture_output=True,
@@ -89,7 +98,7 @@ async def test_sixty_tasks_three_leased_slots_and_a_worker_killed_twice(
 
             async def sample(until: asyncio.Event) -> None:
                 while not until.is_set():
-                    samples.append(await running_now(settings, run_ids, tag))
+                    samples.append(await running_now(settings, run_ids, tag, kind))
                     await asyncio.sleep(0.05)
 
             finished = asyncio.Event()
@@ -110,7 +119,7 @@ async def test_sixty_tasks_three_leased_slots_and_a_worker_killed_twice(
     assert max(running for running, _ in samples) <= LIMIT
     assert max(held for _, held in samples) <= LIMIT
     assert max(running for running, _ in samples) == LIMIT  # the limit was actually reached
-    assert await running_now(settings, run_ids, tag) == (0, 0)
+    assert await running_now(settings, run_ids, tag, kind) == (0, 0)
     for run_id in run_ids:
         assert await history_of(settings, run_id, "task_run") == ["Pending", "Running", "Completed"]
     assert codes == [-signal.SIGKILL, 0, -signal.SIGKILL, 0]
