@@ -50,16 +50,16 @@ if __package__ in (None, ""):  # run as a file: make the sibling modules importa
 
 import aio_pika
 
+from arbiter.schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import proposals_queue_arguments
 from benchmarks.drain import build_backlog, drain
 from benchmarks.procstat import ServerCpu, cpu_seconds
 from benchmarks.scrape import Samples, delta, report_lines, scrape, total, wait_for_settled
-from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from worker.client import ArbiterClient
-from worker.devservices import Services, provide_services
-from worker.loadgen import Recorder
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
-from worker.topology import proposals_queue_arguments
+from devtools.devservices import Services, provide_services
+from devtools.loadgen import Recorder
+from devtools.pool import WorkerPool, settings_env
 
 LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
 BATCH_SETTINGS = ("batch_max", "batch_wait_ms")
@@ -333,7 +333,7 @@ def main() -> int:
             **batch,
         )
         migrate = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "migrate"],
+            [sys.executable, "-m", "arbiter", "migrate"],
             env=settings_env(settings),
             capture_output=True,
             text=True,

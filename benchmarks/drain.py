@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
 
-from schemas import FlowRunSpec, RunKind, StateType, TaskRunSpec
-from worker.settings import Settings
-from worker.topology import declare_topology
+from arbiter.schemas import FlowRunSpec, RunKind, StateType, TaskRunSpec
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
 
 __all__ = ["Backlog", "DrainResult", "build_backlog", "drain"]
 

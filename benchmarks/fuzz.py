@@ -26,14 +26,14 @@ import aio_pika
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from schemas import FlowRunSpec, ProposedState, RunKind, StateType, TaskRunSpec
+from arbiter.schemas import FlowRunSpec, ProposedState, RunKind, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.devservices import provide_services
+from devtools.loadgen import Recorder, percentile
+from devtools.pool import WorkerPool, settings_env
 from tests.fixtures.fuzzing import Summary, drive, summarise, top
 from tests.fixtures.hostile import FuzzPlan
-from worker.client import ArbiterClient
-from worker.devservices import provide_services
-from worker.loadgen import Recorder, percentile
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
 
 
 async def quiet_pool(settings: Settings, proposals: int, executors: int) -> Recorder:
@@ -115,7 +115,7 @@ def main() -> int:
             Settings(amqp_url=services.amqp_url, database_url=services.database_url)
         )
         subprocess.run(
-            [sys.executable, "-m", "worker.cli", "migrate"], env=settings_env(settings), check=True
+            [sys.executable, "-m", "arbiter", "migrate"], env=settings_env(settings), check=True
         )
         with WorkerPool(settings, Path(tempfile.mkdtemp(prefix="arbiter-fuzz-"))) as pool:
             for _ in range(args.workers):

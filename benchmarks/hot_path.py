@@ -24,15 +24,15 @@ import time
 import uuid
 from typing import Any
 
-from schemas import StateType
-from worker.batch import process_batch
-from worker.db.engine import create_engine
-from worker.db.migrate import upgrade_async
-from worker.db.transaction import store_transaction
-from worker.decode import Decoded, decode_proposal
-from worker.devservices import provide_services
-from worker.runtime import build_orchestrator
-from worker.settings import Settings
+from arbiter.schemas import StateType
+from arbiter.worker.batch import process_batch
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.migrate import upgrade_async
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.decode import Decoded, decode_proposal
+from arbiter.worker.runtime import build_orchestrator
+from arbiter.worker.settings import Settings
+from devtools.devservices import provide_services
 
 LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
 

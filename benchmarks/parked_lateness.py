@@ -33,16 +33,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas.states import StateDetails, utcnow
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.settings import Settings
 from benchmarks.bench import wait_for_consumers
 from benchmarks.scrape import Samples, scrape
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from schemas.states import StateDetails, utcnow
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.devservices import provide_services
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
+from devtools.devservices import provide_services
+from devtools.pool import WorkerPool, settings_env
 
 LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
 HISTOGRAM = "arbiter_parked_lateness_seconds"
@@ -185,7 +185,7 @@ def main() -> int:
             tag_concurrency_slot_wait_s=args.slot_wait_s,
         )
         migrate = subprocess.run(
-            [sys.executable, "-m", "worker.cli", "migrate"],
+            [sys.executable, "-m", "arbiter", "migrate"],
             env=settings_env(settings),
             capture_output=True,
             text=True,

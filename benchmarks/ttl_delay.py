@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 
 import aio_pika
 
-from worker.devservices import provide_services
+from devtools.devservices import provide_services
 
 
 async def measure(amqp_url: str, queue_type: str, messages: int, equal: bool) -> list[float]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas import (
+from arbiter.schemas import (
     FlowRunPolicy,
     FlowRunSpec,
     OutcomeStatus,
@@ -36,11 +36,11 @@ from schemas import (
     TaskRunPolicy,
     TaskRunSpec,
 )
-from worker.client import ArbiterClient
-from worker.devservices import provide_services
-from worker.loadgen import Recorder
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.devservices import provide_services
+from devtools.loadgen import Recorder
+from devtools.pool import WorkerPool, settings_env
 
 LIMITED_TAG = "warehouse"
 LIMIT = 4
@@ -224,7 +224,7 @@ def main() -> int:
             amqp_url=services.amqp_url, database_url=services.database_url, metrics_port=0
         )
         env = settings_env(settings)
-        arbiter = [sys.executable, "-m", "worker.cli"]
+        arbiter = [sys.executable, "-m", "arbiter"]
         print("== arbiter migrate", flush=True)
         subprocess.run([*arbiter, "migrate"], env=env, check=True)
         print(f"== arbiter limits set {LIMITED_TAG} {LIMIT}", flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a checkout: a virtual environment in .venv with Arbiter and its dev tools.
-# Servers are not started here: worker.devservices starts them on demand (local processes,
+# Servers are not started here: devtools.devservices starts them on demand (local processes,
 # or testcontainers when a Docker engine answers) and installs RabbitMQ/PostgreSQL when root.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,20 +12,20 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import ClassVar, Generic, TypeVar
 
-from rules.context import (
+from arbiter.rules.context import (
     FlowOrchestrationContext,
     OrchestrationContext,
     TaskOrchestrationContext,
 )
-from rules.errors import OrchestrationError
-from rules.results import (
+from arbiter.rules.errors import OrchestrationError
+from arbiter.rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
     StateWaitDetails,
 )
-from schemas.messages import RuleEffect
-from schemas.states import State, StateType
+from arbiter.schemas.messages import RuleEffect
+from arbiter.schemas.states import State, StateType
 
 StateTypeOrNone = StateType | None
 ALL_ORCHESTRATION_STATES: frozenset[StateTypeOrNone] = frozenset([*StateType, None])

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.base import (
+from arbiter.rules.base import (
     FlowRunUniversalTransform,
     GenericUniversalTransform,
     TaskRunUniversalTransform,
 )
-from rules.context import FlowOrchestrationContext, OrchestrationContext, TaskOrchestrationContext
-from schemas.states import StateType
+from arbiter.rules.context import (
+    FlowOrchestrationContext,
+    OrchestrationContext,
+    TaskOrchestrationContext,
+)
+from arbiter.schemas.states import StateType
 
 _ONE_MICROSECOND = dt.timedelta(microseconds=1)
 

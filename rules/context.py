@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Literal, Self, TypeVar
 
-from rules.errors import StoreError
-from rules.results import (
+from arbiter.rules.errors import StoreError
+from arbiter.rules.results import (
     OrchestrationResult,
     SetStateStatus,
     StateAbortDetails,
@@ -24,13 +24,13 @@ from rules.results import (
     StateRejectDetails,
     StateWaitDetails,
 )
-from rules.store import Store
-from schemas.messages import RuleEffect, RuleTraceEntry
-from schemas.runs import FlowRun, FlowRunPolicy, RunKind, TaskRun, TaskRunPolicy
-from schemas.states import State, StateType, utcnow
+from arbiter.rules.store import Store
+from arbiter.schemas.messages import RuleEffect, RuleTraceEntry
+from arbiter.schemas.runs import FlowRun, FlowRunPolicy, RunKind, TaskRun, TaskRunPolicy
+from arbiter.schemas.states import State, StateType, utcnow
 
 if TYPE_CHECKING:
-    from rules.engine import Orchestrator
+    from arbiter.rules.engine import Orchestrator
 
 Clock = Callable[[], dt.datetime]
 ResponseDetails = StateAcceptDetails | StateRejectDetails | StateAbortDetails | StateWaitDetails

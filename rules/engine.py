@@ -10,18 +10,18 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-from rules.context import (
+from arbiter.rules.context import (
     Clock,
     FlowOrchestrationContext,
     OrchestrationContext,
     RuleSettings,
     TaskOrchestrationContext,
 )
-from rules.policy import BaseOrchestrationPolicy
-from rules.results import OrchestrationResult
-from rules.store import Store
-from schemas.runs import FlowRun, TaskRun
-from schemas.states import State, utcnow
+from arbiter.rules.policy import BaseOrchestrationPolicy
+from arbiter.rules.results import OrchestrationResult
+from arbiter.rules.store import Store
+from arbiter.schemas.runs import FlowRun, TaskRun
+from arbiter.schemas.states import State, utcnow
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class PolicySet:
 
 
 def default_policies() -> PolicySet:
-    from rules import policies
+    from arbiter.rules import policies
 
     return PolicySet(
         flow=policies.CoreFlowPolicy,

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.base import FlowRunUniversalTransform
-from rules.context import FlowOrchestrationContext, OutboxMessage
-from schemas.runs import FlowRun
-from schemas.states import State, StateType
+from arbiter.rules.base import FlowRunUniversalTransform
+from arbiter.rules.context import FlowOrchestrationContext, OutboxMessage
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateType
 
 # Some state messages carry whole tracebacks or results: cap what an event carries.
 # Read at call time, so tests can monkeypatch it.

@@ -12,9 +12,9 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass, field
 
-from rules.store import Deployment, GlobalLimit, TagLimit, deployment_limit_name
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State, StateType
+from arbiter.rules.store import Deployment, GlobalLimit, TagLimit, deployment_limit_name
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import State, StateType
 
 
 @dataclass

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from rules import bookkeeping as bk
-from rules.core.background import CopyTaskParametersID, EnqueueScheduledTasks
-from rules.core.caching import CacheInsertion, CacheRetrieval
-from rules.core.cancelling import (
+from arbiter.rules import bookkeeping as bk
+from arbiter.rules.core.background import CopyTaskParametersID, EnqueueScheduledTasks
+from arbiter.rules.core.caching import CacheInsertion, CacheRetrieval
+from arbiter.rules.core.cancelling import (
     BypassCancellingFlowRunsWithNoInfra,
     EnforceCancellingToCancelledTransition,
 )
-from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
-from rules.core.deployments import (
+from arbiter.rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from arbiter.rules.core.deployments import (
     EnforceDeploymentConcurrencyOnLate,
     PreserveDeploymentConcurrencyLeaseId,
     ReleaseFlowConcurrencySlots,
@@ -23,18 +23,22 @@ from rules.core.deployments import (
     SecureFlowConcurrencySlots,
     ValidateDeploymentConcurrencyAtRunning,
 )
-from rules.core.duplicates import PreventDuplicateTransitions
-from rules.core.late import EnsureOnlyScheduledFlowsMarkedLate
-from rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
-from rules.core.pending import PreventPendingTransitions
-from rules.core.retries import RetryFailedFlows
-from rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
-from rules.core.stopped_flows import PreventRunningTasksFromStoppedFlows
-from rules.core.task_retries import RenameReruns, RetryFailedTasks, UpdateFlowRunTrackerOnTasks
-from rules.core.task_terminal import HandleTaskTerminalStateTransitions
-from rules.core.terminal import HandleFlowTerminalStateTransitions, PreventResultDataLoss
-from rules.instrumentation import InstrumentFlowRunStateTransitions
-from rules.policy import BaseOrchestrationPolicy, RuleClass
+from arbiter.rules.core.duplicates import PreventDuplicateTransitions
+from arbiter.rules.core.late import EnsureOnlyScheduledFlowsMarkedLate
+from arbiter.rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
+from arbiter.rules.core.pending import PreventPendingTransitions
+from arbiter.rules.core.retries import RetryFailedFlows
+from arbiter.rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
+from arbiter.rules.core.stopped_flows import PreventRunningTasksFromStoppedFlows
+from arbiter.rules.core.task_retries import (
+    RenameReruns,
+    RetryFailedTasks,
+    UpdateFlowRunTrackerOnTasks,
+)
+from arbiter.rules.core.task_terminal import HandleTaskTerminalStateTransitions
+from arbiter.rules.core.terminal import HandleFlowTerminalStateTransitions, PreventResultDataLoss
+from arbiter.rules.instrumentation import InstrumentFlowRunStateTransitions
+from arbiter.rules.policy import BaseOrchestrationPolicy, RuleClass
 
 
 class CoreFlowPolicy(BaseOrchestrationPolicy):

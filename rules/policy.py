@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeAlias
 
-from rules.base import BaseOrchestrationRule, BaseUniversalTransform, StateTypeOrNone
+from arbiter.rules.base import BaseOrchestrationRule, BaseUniversalTransform, StateTypeOrNone
 
 RuleClass: TypeAlias = type[BaseOrchestrationRule] | type[BaseUniversalTransform]  # type: ignore[type-arg]
 

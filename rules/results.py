@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from schemas.states import State
+from arbiter.schemas.states import State
 
 
 class SetStateStatus(StrEnum):

@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import State
 
 
 @dataclass

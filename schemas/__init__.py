@@ -1,6 +1,6 @@
 """Wire and domain models shared by the rules, the worker and executors."""
 
-from schemas.messages import (
+from arbiter.schemas.messages import (
     SCHEMA_VERSION,
     ErrorCode,
     Outcome,
@@ -12,7 +12,7 @@ from schemas.messages import (
     RuleEffect,
     RuleTraceEntry,
 )
-from schemas.runs import (
+from arbiter.schemas.runs import (
     FlowRun,
     FlowRunPolicy,
     FlowRunSpec,
@@ -22,7 +22,7 @@ from schemas.runs import (
     TaskRunPolicy,
     TaskRunSpec,
 )
-from schemas.states import TERMINAL_STATES, State, StateDetails, StateType, default_name
+from arbiter.schemas.states import TERMINAL_STATES, State, StateDetails, StateType, default_name
 
 __all__ = [
     "SCHEMA_VERSION",

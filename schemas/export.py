@@ -1,6 +1,6 @@
 """Writes the JSON Schema of the proposal and the outcome for executors in other languages.
 
-Run ``python -m schemas.export`` after changing a model; ``tests/unit/test_jsonschema.py``
+Run ``python -m arbiter.schemas.export`` after changing a model; ``tests/unit/test_jsonschema.py``
 fails while the committed files differ from what the models generate.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.messages import Outcome, Proposal
+from arbiter.schemas.messages import Outcome, Proposal
 
 SCHEMA_DIR = Path(__file__).parent / "jsonschema"
 DOCUMENTS: dict[str, type[BaseModel]] = {

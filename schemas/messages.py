@@ -1,7 +1,7 @@
 """Wire messages: the proposal an executor publishes and the outcome a worker returns.
 
 docs/protocol.md is the contract; the JSON Schema files in ``schemas/jsonschema``
-are generated from these models (``python -m schemas.export``) and a test fails
+are generated from these models (``python -m arbiter.schemas.export``) and a test fails
 when the two drift apart.
 """
 
@@ -24,8 +24,8 @@ from pydantic import (
 )
 from pydantic_core import to_json
 
-from schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
-from schemas.states import State, StateDetails, StateType, UtcDatetime
+from arbiter.schemas.runs import FlowRunSpec, RunKind, RunSummary, TaskRunSpec
+from arbiter.schemas.states import State, StateDetails, StateType, UtcDatetime
 
 SCHEMA_VERSION = 1
 

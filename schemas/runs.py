@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from schemas.states import State, StateType, UtcDatetime
+from arbiter.schemas.states import State, StateType, UtcDatetime
 
 RunKind = Literal["flow_run", "task_run"]
 

@@ -2,7 +2,7 @@
 
 Servers come from ARBITER_TEST_AMQP_URL / ARBITER_TEST_DATABASE_URL when set,
 else testcontainers when a Docker engine answers, else local processes
-(``worker.devservices``).
+(``devtools.devservices``).
 """
 
-pytest_plugins = ["tests.fixtures.services"]
+pytest_plugins = ["tests.fixtures.services", "tests.fixtures.databases"]

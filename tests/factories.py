@@ -12,12 +12,12 @@ import datetime as dt
 import uuid
 from typing import Literal, overload
 
-from rules.context import FlowOrchestrationContext, TaskOrchestrationContext
-from rules.engine import Orchestrator
-from rules.store import AdminStore
-from schemas import FlowRun, FlowRunPolicy, State, StateDetails, StateType, TaskRun
-from schemas.runs import TaskRunPolicy
-from schemas.states import utcnow
+from arbiter.rules.context import FlowOrchestrationContext, TaskOrchestrationContext
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.store import AdminStore
+from arbiter.schemas import FlowRun, FlowRunPolicy, State, StateDetails, StateType, TaskRun
+from arbiter.schemas.runs import TaskRunPolicy
+from arbiter.schemas.states import utcnow
 
 RunType = Literal["flow", "task"]
 

@@ -13,20 +13,21 @@ from collections.abc import Callable
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import ErrorCode
-from worker import headers
-from worker.acks import Acker
-from worker.db.errors import refused_content
-from worker.db.store import PgStore, ProcessedProposal
-from worker.decode import Decoded, Invalid
-from worker.metrics import WorkerMetrics
-from worker.outcomes import given_up_outcome, invalid_outcome
-from worker.publisher import Publisher
-from worker.settings import Settings
-from worker.unit_of_work import Processed, replay
+from arbiter.schemas import ErrorCode
+from arbiter.worker import headers
+from arbiter.worker.acks import Acker
+from arbiter.worker.db.errors import refused_content
+from arbiter.worker.db.store import PgStore, ProcessedProposal
+from arbiter.worker.decode import Decoded, Invalid
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.outcomes import given_up_outcome, invalid_outcome
+from arbiter.worker.publisher import Publisher
+from arbiter.worker.settings import Settings
+from arbiter.worker.tracing import answered
+from arbiter.worker.unit_of_work import Processed, replay
 
 # The consumer's logger: operators read one stream for a worker's decisions.
-log = logging.getLogger("worker.consumer")
+log = logging.getLogger("arbiter.worker.consumer")
 
 __all__ = ["Answers", "describe"]
 
@@ -59,6 +60,8 @@ class Answers:
         if processed.invalid is not None:
             await self.refuse(message, processed.invalid)
             return
+        outcome = processed.outcome
+        answered(outcome.status.value, [entry.rule for entry in outcome.rule_trace])
         try:
             # The outcome first: an executor waiting on it must not depend on the events
             # exchange. If the outbox then fails, the redelivery publishes both again.
@@ -138,6 +141,7 @@ class Answers:
                 return
         deliveries = _delivery_count(message) + 1
         outcome = given_up_outcome(identity, last_error, deliveries)
+        answered(outcome.status.value)
         try:
             await self.publisher.outcome(message, outcome)
             await self.publisher.dead_letter(message, ErrorCode.DELIVERY_LIMIT.value, last_error)
@@ -182,6 +186,7 @@ class Answers:
         (routing key ``outcome.unknown.invalid``): every proposal gets its one answer.
         """
         outcome = invalid_outcome(invalid)
+        answered(outcome.status.value)
         await self.publisher.outcome(message, outcome)
         await self.publisher.dead_letter(message, invalid.code.value, invalid.message)
         await self.acker.ack(message)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from rules.context import OrchestrationContext
-from rules.core.leases import renew_run_slots
-from rules.engine import Orchestrator
-from rules.errors import StoreError
-from rules.store import Deployment
-from schemas import (
+from arbiter.rules.context import OrchestrationContext
+from arbiter.rules.core.leases import renew_run_slots
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.errors import StoreError
+from arbiter.rules.store import Deployment
+from arbiter.schemas import (
     ErrorCode,
     FlowRun,
     FlowRunSpec,
@@ -35,13 +35,13 @@ from schemas import (
     TaskRun,
     TaskRunSpec,
 )
-from schemas.runs import DeploymentSpec, RunKind
-from worker import parking
-from worker.db.batch_store import BatchStore, RunKey
-from worker.db.store import PgStore, ProcessedProposal
-from worker.decode import Decoded, Invalid
-from worker.outcomes import abort_outcome, invalid_outcome, outcome_from_context
-from worker.unit_of_work import OUTBOX, Processed, replay
+from arbiter.schemas.runs import DeploymentSpec, RunKind
+from arbiter.worker import parking
+from arbiter.worker.db.batch_store import BatchStore, RunKey
+from arbiter.worker.db.store import PgStore, ProcessedProposal
+from arbiter.worker.decode import Decoded, Invalid
+from arbiter.worker.outcomes import abort_outcome, invalid_outcome, outcome_from_context
+from arbiter.worker.unit_of_work import OUTBOX, Processed, replay
 
 __all__ = ["RuleFailed", "process_batch"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import sys
 import uuid
@@ -13,8 +12,9 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from worker.runtime import ServiceError, open_database
-from worker.settings import Settings
+from arbiter.worker.logs import configure_logging
+from arbiter.worker.runtime import ServiceError, open_database
+from arbiter.worker.settings import Settings
 
 
 def _settings() -> Settings:
@@ -27,7 +27,7 @@ def _settings() -> Settings:
 
 
 async def _migrate(settings: Settings) -> int:
-    from worker.db.migrate import upgrade_async
+    from arbiter.worker.db.migrate import upgrade_async
 
     async with open_database(settings):
         pass
@@ -37,13 +37,13 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _worker(settings: Settings) -> int:
-    from worker.service import run_worker
+    from arbiter.worker.service import run_worker
 
     return await run_worker(settings)
 
 
 async def _runs_show(settings: Settings, run_id: str, as_json: bool) -> int:
-    from worker.db.store import PgStore
+    from arbiter.worker.db.store import PgStore
 
     try:
         parsed = uuid.UUID(run_id)
@@ -84,7 +84,7 @@ async def _runs_show(settings: Settings, run_id: str, as_json: bool) -> int:
 
 async def _proposals_show(settings: Settings, proposal_id: str) -> int:
     """The stored answer to a proposal id: what a replay would publish again."""
-    from worker.db.store import PgStore
+    from arbiter.worker.db.store import PgStore
 
     try:
         parsed = uuid.UUID(proposal_id)
@@ -105,7 +105,7 @@ async def _proposals_show(settings: Settings, proposal_id: str) -> int:
 
 
 async def _limits(settings: Settings, args: argparse.Namespace) -> int:
-    from worker.db.store import PgStore
+    from arbiter.worker.db.store import PgStore
 
     if args.globally:
         return await _global_limits(settings, args)
@@ -142,7 +142,7 @@ async def _limits(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _global_limits(settings: Settings, args: argparse.Namespace) -> int:
     """``limits … --global``: the global (V2) limits, their holders and lease expiries."""
-    from worker.db.store import PgStore
+    from arbiter.worker.db.store import PgStore
 
     async with open_database(settings) as engine, engine.begin() as conn:
         store = PgStore(conn)
@@ -194,8 +194,8 @@ async def _global_limits(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _deployments(settings: Settings, args: argparse.Namespace) -> int:
     """Deployments and their concurrency settings (their runs may also name them)."""
-    from rules.store import Deployment, deployment_limit_name
-    from worker.db.store import PgStore
+    from arbiter.rules.store import Deployment, deployment_limit_name
+    from arbiter.worker.db.store import PgStore
 
     async with open_database(settings) as engine, engine.begin() as conn:
         store = PgStore(conn)
@@ -247,9 +247,9 @@ async def _deployments(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _sweep(settings: Settings) -> int:
     """One pass of the background sweeps by hand; prints what each transitioned, as JSON."""
-    from worker.runtime import build_runtime
-    from worker.sweepers import Sweeper
-    from worker.topology import TopologyMissing
+    from arbiter.worker.runtime import build_runtime
+    from arbiter.worker.sweepers import Sweeper
+    from arbiter.worker.topology import TopologyMissing
 
     async with build_runtime(settings) as runtime:
         sweeper = Sweeper(settings, runtime.engine, runtime.orchestrator, runtime.connection)
@@ -362,10 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if value is not None
             }
             settings = settings.model_copy(update=overrides)
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
-        )
+        configure_logging(settings.log_level, settings.log_format)
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "worker":

@@ -28,12 +28,14 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustConnection,
     DeliveryMode,
+    FieldValue,
 )
 
-from schemas import FlowRunSpec, Outcome, ProposedState, RunKind, StateType, TaskRunSpec
-from worker.broker import ClosingRobustConnection
-from worker.settings import Settings
-from worker.topology import Topology, declare_topology
+from arbiter.schemas import FlowRunSpec, Outcome, ProposedState, RunKind, StateType, TaskRunSpec
+from arbiter.worker.broker import ClosingRobustConnection
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import Topology, declare_topology
+from arbiter.worker.tracing import client_span, inject_current
 
 _SEEN_OUTCOMES = 10_000
 
@@ -114,9 +116,14 @@ class ArbiterClient:
         follow_waits: bool = False,
         max_wait_s: float | None = None,
         renew_leases: bool = False,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> asyncio.Future[Outcome]:
         """Publish one proposal (confirmed by the broker); the future resolves with its outcome
-        (with ``follow_waits``, the final one: the pool follows the WAITs)."""
+        (with ``follow_waits``, the final one: the pool follows the WAITs).
+
+        ``traceparent``/``tracestate`` (W3C) go on as headers; without them, and with
+        OpenTelemetry installed, the current span's context does."""
         assert self._topology is not None, "use ArbiterClient.connect()"
         proposal_id = proposal_id or uuid.uuid4()
         body: dict[str, object] = {
@@ -136,6 +143,11 @@ class ArbiterClient:
         if renew_leases:
             body["renew_leases"] = True
         future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        traced: dict[str, FieldValue] = (
+            {"traceparent": traceparent} if traceparent else {**inject_current()}
+        )
+        if traceparent and tracestate:
+            traced["tracestate"] = tracestate
         message = aio_pika.Message(
             body=json.dumps(body, separators=(",", ":")).encode(),
             content_type="application/json",
@@ -143,6 +155,7 @@ class ArbiterClient:
             message_id=str(proposal_id),
             correlation_id=str(proposal_id),
             reply_to=self._reply_key,
+            headers=traced or None,
         )
         self._pending[proposal_id] = (future, message)
         try:
@@ -190,26 +203,35 @@ class ArbiterClient:
     ) -> Outcome:
         """Fire a proposal and await its outcome. With ``follow_waits`` the pool parks the
         proposal after a WAIT and answers once, with the final outcome (or, after
-        ``max_wait_s`` in all, the last WAIT): the wait adds to ``timeout_s``."""
+        ``max_wait_s`` in all, the last WAIT): the wait adds to ``timeout_s``.
+
+        With OpenTelemetry installed, a span ``arbiter propose`` covers it, the parent of
+        the worker's span for the proposal."""
         proposal_id = uuid.uuid4()
-        future = await self.publish(
-            run_kind,
-            run_id,
-            state,
-            run=run,
-            force=force,
-            proposal_id=proposal_id,
-            follow_waits=follow_waits,
-            max_wait_s=max_wait_s if follow_waits else None,
-        )
-        wait_s = timeout_s + (max_wait_s if follow_waits else 0)
-        try:
-            return await asyncio.wait_for(future, wait_s)
-        except TimeoutError:
-            self._pending.pop(proposal_id, None)
-            raise OutcomeTimeoutError(
-                f"no outcome for a {run_kind} {run_id} proposal within {wait_s} s"
-            ) from None
+        identity = {"arbiter.run_kind": run_kind, "arbiter.run_id": str(run_id)}
+        with client_span("arbiter propose", identity) as span:
+            future = await self.publish(
+                run_kind,
+                run_id,
+                state,
+                run=run,
+                force=force,
+                proposal_id=proposal_id,
+                follow_waits=follow_waits,
+                max_wait_s=max_wait_s if follow_waits else None,
+            )
+            wait_s = timeout_s + (max_wait_s if follow_waits else 0)
+            try:
+                outcome = await asyncio.wait_for(future, wait_s)
+            except TimeoutError:
+                self._pending.pop(proposal_id, None)
+                raise OutcomeTimeoutError(
+                    f"no outcome for a {run_kind} {run_id} proposal within {wait_s} s"
+                ) from None
+            if span is not None:
+                span.set_attribute("arbiter.proposal_id", str(proposal_id))
+                span.set_attribute("arbiter.status", outcome.status.value)
+            return outcome
 
     async def renew_leases(
         self, run_kind: RunKind, run_id: uuid.UUID, *, timeout_s: float = 30.0

@@ -33,19 +33,20 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from rules.engine import Orchestrator
-from worker.acks import Acker
-from worker.answers import Answers, describe
-from worker.batch import RuleFailed, process_batch
-from worker.db.store import PgStore, is_transient
-from worker.db.transaction import store_transaction
-from worker.decode import Decoded, Invalid, decode_proposal
-from worker.metrics import WorkerMetrics
-from worker.parking import with_reply_route
-from worker.publisher import Publisher
-from worker.settings import Settings
-from worker.topology import Topology, declare_topology
-from worker.unit_of_work import Processed, purge_cutoff
+from arbiter.rules.engine import Orchestrator
+from arbiter.worker.acks import Acker
+from arbiter.worker.answers import Answers, describe
+from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.db.store import PgStore, is_transient
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.decode import Decoded, Invalid, decode_proposal
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.parking import with_reply_route
+from arbiter.worker.publisher import Publisher
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import Topology, declare_topology
+from arbiter.worker.tracing import ProposalTrace, Tracing, current, trace_context
+from arbiter.worker.unit_of_work import Processed, purge_cutoff
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Consumer:
         self.orchestrator = orchestrator
         self.connection = connection
         self.metrics = metrics or WorkerMetrics()
+        self.tracing = Tracing(settings.tracing)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._batches: set[asyncio.Task[None]] = set()
@@ -238,36 +240,47 @@ class Consumer:
     async def _settle(self, messages: list[AbstractIncomingMessage]) -> None:
         """Decode, process in one transaction, then answer each delivery."""
         started = time.perf_counter()
+        traces = {id(m): self.tracing.begin(m.headers) for m in messages}
         valid: list[tuple[AbstractIncomingMessage, Decoded]] = []
         refusals = []
         for message in messages:
+            trace = traces[id(message)]
             try:
-                decoded = self._decode(message)
+                with self.tracing.phase(trace, "decode"):
+                    decoded = self._decode(message)
             except Exception as exc:
-                refusals.append(self._guarded(message, self.answers.unexpected(message, exc)))
+                refusal = self.answers.unexpected(message, exc)
+                refusals.append(self._guarded(message, refusal, trace))
                 continue
+            self.tracing.identify(trace, decoded)
             if isinstance(decoded, Invalid):
-                refusals.append(self._guarded(message, self.answers.refuse(message, decoded)))
+                refusal = self.answers.refuse(message, decoded)
+                refusals.append(self._guarded(message, refusal, trace))
             else:
                 valid.append((message, decoded))
         await asyncio.gather(*refusals)
         if not valid:
             return
+        began = time.time_ns()
         try:
             results: Sequence[Result] = await self._process_many([d for _, d in valid])
         except Exception as exc:  # a bug: no delivery may be stranded unacked
             results = [exc] * len(valid)
+        self.tracing.shared_phase([traces[id(m)] for m, _ in valid], began, time.time_ns())
         held = [(m, d) for (m, d), result in zip(valid, results, strict=True) if result is None]
         await asyncio.gather(
             *(
-                self._guarded(message, self._conclude(message, decoded, result, started))
+                self._guarded(
+                    message, self._conclude(message, decoded, result, started), traces[id(message)]
+                )
                 for (message, decoded), result in zip(valid, results, strict=True)
                 if result is not None
             )
         )
         for message, decoded in held:
             [result] = await self._process_many([decoded])
-            await self._guarded(message, self._conclude(message, decoded, result, started))
+            concluded = self._conclude(message, decoded, result, started)
+            await self._guarded(message, concluded, traces[id(message)])
 
     def _decode(self, message: AbstractIncomingMessage) -> Decoded | Invalid:
         decoded = decode_proposal(
@@ -278,16 +291,24 @@ class Consumer:
         )
         if isinstance(decoded, Decoded) and decoded.proposal.follow_waits:
             # Kept with the proposal if it is parked: its final outcome goes there.
-            return with_reply_route(decoded, message.reply_to, message.correlation_id)
+            route = (message.reply_to, message.correlation_id, trace_context(message.headers))
+            return with_reply_route(decoded, *route)
         return decoded
 
-    async def _guarded(self, message: AbstractIncomingMessage, settling: object) -> None:
-        """Run one delivery's settling; a bug in it requeues (or gives up) that delivery."""
+    async def _guarded(
+        self, message: AbstractIncomingMessage, settling: object, trace: ProposalTrace
+    ) -> None:
+        """Run one delivery's settling, in a task of its own, under its trace (publishes
+        carry it, log lines name it); a bug in it requeues (or gives up) that delivery."""
         assert asyncio.iscoroutine(settling)
+        current.set(trace)
         try:
-            await settling
+            with self.tracing.phase(trace, "publish"):
+                await settling
         except Exception as exc:
             await self.answers.unexpected(message, exc)
+        finally:
+            self.tracing.end(trace)
 
     async def _conclude(
         self, message: AbstractIncomingMessage, decoded: Decoded, result: Result, started: float

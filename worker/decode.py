@@ -18,9 +18,9 @@ from typing import NamedTuple
 
 from pydantic import ValidationError
 
-from schemas import ErrorCode, Proposal, RunKind
-from schemas.messages import SCHEMA_VERSION
-from worker.db.storable import Unreadable, unstorable
+from arbiter.schemas import ErrorCode, Proposal, RunKind
+from arbiter.schemas.messages import SCHEMA_VERSION
+from arbiter.worker.db.storable import Unreadable, unstorable
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class Decoded:
     # The delivery's properties, kept for a proposal parked after a WAIT (worker/parking.py).
     reply_to: str | None = None
     correlation_id: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
     # Set on a parked proposal's re-evaluation: the original proposal id it answers.
     reevaluates: uuid.UUID | None = None
 

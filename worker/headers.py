@@ -15,4 +15,11 @@ DELIVERY_COUNT: Final = "x-delivery-count"
 # Set by RabbitMQ on a message it dead-letters itself; the worker never reads it.
 DEATH: Final = "x-death"
 
-CONTRACT_HEADERS: Final = frozenset({STATUS, ERROR_CODE, ERROR_MESSAGE, DELIVERY_COUNT, DEATH})
+# W3C Trace Context, optional on a proposal: carried onto its outcome, events and enqueued task
+# runs (worker/tracing.py).
+TRACEPARENT: Final = "traceparent"
+TRACESTATE: Final = "tracestate"
+
+CONTRACT_HEADERS: Final = frozenset(
+    {STATUS, ERROR_CODE, ERROR_MESSAGE, DELIVERY_COUNT, DEATH, TRACEPARENT, TRACESTATE}
+)

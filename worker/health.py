@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from worker.consumer import Consumer
+    from arbiter.worker.consumer import Consumer
 
 __all__ = ["Health", "readiness_problems", "serve"]
 

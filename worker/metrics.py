@@ -13,8 +13,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from schemas import Outcome
-from worker.health import Health, serve
+from arbiter.schemas import Outcome
+from arbiter.worker.health import Health, serve
 
 __all__ = ["WorkerMetrics"]
 

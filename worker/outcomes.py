@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.context import OrchestrationContext
-from rules.results import StateWaitDetails
-from schemas import (
+from arbiter.rules.context import OrchestrationContext
+from arbiter.rules.results import StateWaitDetails
+from arbiter.schemas import (
     ErrorCode,
     Outcome,
     OutcomeDetails,
@@ -13,8 +13,8 @@ from schemas import (
     Proposal,
     RuleTraceEntry,
 )
-from schemas.runs import FlowRun, TaskRun
-from worker.decode import Invalid
+from arbiter.schemas.runs import FlowRun, TaskRun
+from arbiter.worker.decode import Invalid
 
 
 def outcome_from_context(

@@ -15,11 +15,12 @@ import datetime as dt
 import uuid
 from collections.abc import Callable, Sequence
 
-from schemas import OutcomeStatus
-from worker.db import parked as sql
-from worker.db.store import PgStore
-from worker.decode import Decoded
-from worker.unit_of_work import Processed
+from arbiter.schemas import OutcomeStatus
+from arbiter.worker.db import parked as sql
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.decode import Decoded
+from arbiter.worker.tracing import TraceContext
+from arbiter.worker.unit_of_work import Processed
 
 __all__ = [
     "PARK_NAMESPACE",
@@ -55,8 +56,20 @@ def reevaluation_id(proposal_id: uuid.UUID, attempt: int) -> uuid.UUID:
     return uuid.uuid5(PARK_NAMESPACE, f"{proposal_id}:{attempt}")
 
 
-def with_reply_route(decoded: Decoded, reply_to: str | None, correlation: str | None) -> Decoded:
-    return dataclasses.replace(decoded, reply_to=reply_to, correlation_id=correlation)
+def with_reply_route(
+    decoded: Decoded,
+    reply_to: str | None,
+    correlation: str | None,
+    trace: TraceContext | None = None,
+) -> Decoded:
+    """Keep what the final outcome of a parked proposal needs from its delivery."""
+    return dataclasses.replace(
+        decoded,
+        reply_to=reply_to,
+        correlation_id=correlation,
+        traceparent=trace.traceparent if trace is not None else None,
+        tracestate=trace.tracestate if trace is not None else None,
+    )
 
 
 def _delay_s(processed: Processed) -> float:
@@ -118,6 +131,8 @@ async def park(
         [d.correlation_id for d, _ in rows],
         now,
         due,
+        [d.traceparent for d, _ in rows],
+        [d.tracestate for d, _ in rows],
     )
     for watcher in list(_watchers):
         watcher(min(due))

@@ -8,21 +8,23 @@ import json
 from collections.abc import Awaitable, Callable
 
 import aio_pika
-from aio_pika.abc import AbstractIncomingMessage, DeliveryMode
+from aio_pika.abc import AbstractIncomingMessage, DeliveryMode, FieldValue
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
-from rules.context import OutboxMessage
-from schemas import Outcome
-from worker import headers
-from worker.settings import Settings
-from worker.topology import Topology
+from arbiter.rules.context import OutboxMessage
+from arbiter.schemas import Outcome
+from arbiter.worker import headers
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import Topology
+from arbiter.worker.tracing import trace_headers
 
 __all__ = ["Publisher"]
 
 
 class Publisher:
     """Publishes on the worker's confirming channel; every method raises once retries
-    are spent, and the caller then requeues the delivery."""
+    are spent, and the caller then requeues the delivery. Outcomes and outboxes carry the
+    trace headers of the proposal being answered (``worker/tracing.py``)."""
 
     def __init__(self, settings: Settings, topology: Topology) -> None:
         self.settings = settings
@@ -36,7 +38,7 @@ class Publisher:
             delivery_mode=DeliveryMode.PERSISTENT,
             correlation_id=message.correlation_id,
             message_id=str(outcome.proposal_id) if outcome.proposal_id else message.message_id,
-            headers={headers.STATUS: outcome.status.value},
+            headers={headers.STATUS: outcome.status.value, **trace_headers()},
         )
         routing_key = message.reply_to or outcome.routing_key()
         exchange = self.topology.outcomes_exchange
@@ -44,6 +46,7 @@ class Publisher:
 
     async def outbox(self, outbox: list[OutboxMessage]) -> None:
         """A transaction's events and enqueued task runs, in order."""
+        traced: dict[str, FieldValue] | None = {**trace_headers()} or None
         for item in outbox:
             exchange = (
                 self.topology.events_exchange
@@ -55,6 +58,7 @@ class Publisher:
                 content_type="application/json",
                 delivery_mode=DeliveryMode.PERSISTENT,
                 message_id=item.message_id,
+                headers=traced,
             )
             await self._with_retries(
                 functools.partial(exchange.publish, body, routing_key=item.routing_key)

@@ -30,20 +30,21 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection, DeliveryMode
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.engine import Orchestrator
-from schemas import Outcome, OutcomeStatus, Proposal
-from worker import headers, parking
-from worker.batch import RuleFailed, process_batch
-from worker.db import parked as sql
-from worker.db.store import PgStore
-from worker.db.transaction import store_transaction
-from worker.decode import Decoded, body_digest
-from worker.metrics import WorkerMetrics
-from worker.parking import reevaluation_id
-from worker.publisher import Publisher
-from worker.settings import Settings
-from worker.topology import declare_topology
-from worker.unit_of_work import OUTBOX, Processed
+from arbiter.rules.engine import Orchestrator
+from arbiter.schemas import Outcome, OutcomeStatus, Proposal
+from arbiter.worker import headers, parking
+from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.db import parked as sql
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.decode import Decoded, body_digest
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.parking import reevaluation_id
+from arbiter.worker.publisher import Publisher
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+from arbiter.worker.tracing import ProposalTrace, TraceContext, answering, trace_headers
+from arbiter.worker.unit_of_work import OUTBOX, Processed
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,24 @@ async def publish_outcome(
     reply_to: str | None = None,
     correlation_id: str | None = None,
 ) -> None:
-    """An outcome with no delivery to answer: to ``reply_to``, else ``outcome.<kind>.<status>``."""
+    """An outcome with no delivery to answer: to ``reply_to``, else ``outcome.<kind>.<status>``
+    (with the trace headers of the proposal being answered, if any)."""
     message = aio_pika.Message(
         body=outcome.model_dump_json().encode(),
         content_type="application/json",
         delivery_mode=DeliveryMode.PERSISTENT,
         message_id=str(outcome.proposal_id),
         correlation_id=correlation_id,
-        headers={headers.STATUS: outcome.status.value},
+        headers={headers.STATUS: outcome.status.value, **trace_headers()},
     )
     exchange = publisher.topology.outcomes_exchange
     await exchange.publish(message, routing_key=reply_to or outcome.routing_key())
+
+
+def parked_trace(row: Any) -> TraceContext | None:
+    """A parked row's trace context (checked when it was parked)."""
+    parent = row["traceparent"]
+    return TraceContext(parent, row["tracestate"]) if parent else None
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class _Parked:
     proposal: Proposal
     reply_to: str | None
     correlation_id: str | None
+    trace: TraceContext | None
     attempt: int
     parked_at: dt.datetime
     due_at: dt.datetime
@@ -89,9 +98,20 @@ class _Parked:
             proposal=Proposal.model_validate_json(row["body"]),
             reply_to=row["reply_to"],
             correlation_id=row["correlation_id"],
+            trace=parked_trace(row),
             attempt=row["attempt"],
             parked_at=row["parked_at"],
             due_at=row["due_at"],
+        )
+
+    def answering(self, outcome: Outcome) -> ProposalTrace:
+        """The original proposal's trace and identity, for publishing its answer."""
+        return ProposalTrace(
+            received=self.trace,
+            run_kind=outcome.run_kind,
+            run_id=str(outcome.run_id),
+            proposal_id=str(self.proposal_id),
+            status=outcome.status.value,
         )
 
     def decoded(self) -> Decoded:
@@ -275,17 +295,23 @@ class Reevaluator:
         assert self._publisher is not None
         for item, outcome in plan.notices:
             try:
-                await publish_outcome(self._publisher, outcome, item.reply_to, item.correlation_id)
+                with answering(item.answering(outcome)):
+                    await publish_outcome(
+                        self._publisher, outcome, item.reply_to, item.correlation_id
+                    )
             except Exception:
                 log.warning("could not publish a WAIT notice for %s", item.proposal_id)
         published = []
         for item, outcome, outbox in plan.finals:
-            try:
-                await publish_outcome(self._publisher, outcome, item.reply_to, item.correlation_id)
-                await self._publisher.outbox(OUTBOX.validate_json(outbox))
-            except Exception:
-                log.exception("the final outcome of %s is not published yet", item.proposal_id)
-                continue
+            with answering(item.answering(outcome)):
+                try:
+                    await publish_outcome(
+                        self._publisher, outcome, item.reply_to, item.correlation_id
+                    )
+                    await self._publisher.outbox(OUTBOX.validate_json(outbox))
+                except Exception:
+                    log.exception("the final outcome of %s is not published yet", item.proposal_id)
+                    continue
             published.append(item.proposal_id)
         await self._forget(published)
 
@@ -303,9 +329,13 @@ class Reevaluator:
             rows = await store.fetch_rows(sql.CLAIM_UNPUBLISHED, now, self.settings.batch_max)
             for row in rows:
                 outcome = Outcome.model_validate_json(row["answer"])
-                await publish_outcome(
-                    self._publisher, outcome, row["reply_to"], row["correlation_id"]
+                trace = ProposalTrace(
+                    received=parked_trace(row), proposal_id=str(outcome.proposal_id)
                 )
-                await self._publisher.outbox(OUTBOX.validate_json(row["answer_outbox"]))
+                with answering(trace):
+                    await publish_outcome(
+                        self._publisher, outcome, row["reply_to"], row["correlation_id"]
+                    )
+                    await self._publisher.outbox(OUTBOX.validate_json(row["answer_outbox"]))
             if rows:
                 await store.fetch_rows(sql.FORGET, [row["proposal_id"] for row in rows])

@@ -16,12 +16,12 @@ from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.context import RuleSettings
-from rules.engine import Orchestrator, PolicySet, default_policies
-from rules.policy import BaseOrchestrationPolicy
-from worker.broker import ClosingRobustConnection
-from worker.db.engine import create_engine
-from worker.settings import Settings
+from arbiter.rules.context import RuleSettings
+from arbiter.rules.engine import Orchestrator, PolicySet, default_policies
+from arbiter.rules.policy import BaseOrchestrationPolicy
+from arbiter.worker.broker import ClosingRobustConnection
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ import functools
 import logging
 import signal
 
-from worker.consumer import Consumer
-from worker.health import Health, readiness_problems
-from worker.metrics import WorkerMetrics
-from worker.reevaluation import Reevaluator
-from worker.settings import Settings
-from worker.sweepers import Sweeper
-from worker.topology import TopologyMissing
+from arbiter.worker.consumer import Consumer
+from arbiter.worker.health import Health, readiness_problems
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.reevaluation import Reevaluator
+from arbiter.worker.settings import Settings
+from arbiter.worker.sweepers import Sweeper
+from arbiter.worker.topology import TopologyMissing
 
-log = logging.getLogger("worker.consumer")
+log = logging.getLogger("arbiter.worker.consumer")
 
 __all__ = ["run_worker"]
 
@@ -29,7 +29,7 @@ async def run_worker(
 ) -> int:
     """Run one worker until SIGTERM/SIGINT (or ``stop``), drain, and return the exit code.
     ``metrics`` lets an in-process caller (a test) read the worker's counters."""
-    from worker.runtime import ServiceError
+    from arbiter.worker.runtime import ServiceError
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -54,7 +54,7 @@ async def run_worker(
 async def _consume_until_stopped(
     settings: Settings, metrics: WorkerMetrics, stop: asyncio.Event, health: Health
 ) -> int:
-    from worker.runtime import ServiceError, build_runtime
+    from arbiter.worker.runtime import ServiceError, build_runtime
 
     async with build_runtime(settings) as runtime:
         consumer = Consumer(

@@ -68,5 +68,9 @@ class Settings(BaseSettings):
     parked_poll_s: float = Field(default=1.0, gt=0)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # text: readable lines; json: one object per line with run, proposal and trace ids.
+    log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry spans per proposal, when opentelemetry-api is installed (the otel extra).
+    tracing: bool = True
     # Prometheus /metrics on this port when set (0: any free port, logged at start-up).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

@@ -32,27 +32,27 @@ from typing import Any
 from aio_pika.abc import AbstractRobustConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.core import global_limits as v2
-from rules.core.concurrency import reclaim_expired_tag_slots
-from rules.engine import Orchestrator
-from rules.policies import MarkLateRunsPolicy
-from schemas import Proposal, ProposedState, StateType
-from schemas.runs import RunKind
-from schemas.states import StateDetails
-from worker import parking
-from worker.batch import RuleFailed, process_batch
-from worker.db import global_limits
-from worker.db import sweeps as sql
-from worker.db.rows import tag_limit_from
-from worker.db.store import PgStore
-from worker.db.transaction import store_transaction
-from worker.decode import Decoded, body_digest
-from worker.metrics import WorkerMetrics
-from worker.publisher import Publisher
-from worker.reevaluation import publish_outcome
-from worker.settings import Settings
-from worker.topology import declare_topology
-from worker.unit_of_work import Processed, purge_cutoff
+from arbiter.rules.core import global_limits as v2
+from arbiter.rules.core.concurrency import reclaim_expired_tag_slots
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.policies import MarkLateRunsPolicy
+from arbiter.schemas import Proposal, ProposedState, StateType
+from arbiter.schemas.runs import RunKind
+from arbiter.schemas.states import StateDetails
+from arbiter.worker import parking
+from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.db import global_limits
+from arbiter.worker.db import sweeps as sql
+from arbiter.worker.db.rows import tag_limit_from
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.decode import Decoded, body_digest
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.publisher import Publisher
+from arbiter.worker.reevaluation import publish_outcome
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+from arbiter.worker.unit_of_work import Processed, purge_cutoff
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from aiormq.abc import FieldTable
 from aiormq.exceptions import ChannelNotFoundEntity
 
-from worker.settings import Settings
+from arbiter.worker.settings import Settings
 
 
 class TopologyMissing(Exception):

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 from pydantic import TypeAdapter
 
-from rules.context import OutboxMessage
-from schemas import Outcome
-from worker.db.store import ProcessedProposal
-from worker.decode import Invalid
+from arbiter.rules.context import OutboxMessage
+from arbiter.schemas import Outcome
+from arbiter.worker.db.store import ProcessedProposal
+from arbiter.worker.decode import Invalid
 
 # The outbox is stored beside the outcome, in the same transaction, so a replay
 # (a redelivery after a crash between commit and publish) publishes it again.

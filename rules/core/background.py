@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
-from rules.context import OutboxMessage, TaskOrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
+from arbiter.rules.context import OutboxMessage, TaskOrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 class CopyTaskParametersID(TaskRunOrchestrationRule):

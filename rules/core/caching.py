@@ -8,9 +8,9 @@ an insertion rolls back with the transition that made it.
 
 from __future__ import annotations
 
-from rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
-from rules.context import TaskOrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 class CacheRetrieval(TaskRunOrchestrationRule):

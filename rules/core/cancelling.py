@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from rules.base import (
+from arbiter.rules.base import (
     FlowRunOrchestrationRule,
     GenericOrchestrationRule,
     all_states_except,
     states,
 )
-from rules.context import FlowOrchestrationContext, OrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.context import FlowOrchestrationContext, OrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 class EnforceCancellingToCancelledTransition(GenericOrchestrationRule):

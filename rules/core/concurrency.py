@@ -39,17 +39,17 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     StateTypeOrNone,
     TaskRunOrchestrationRule,
     TaskRunUniversalTransform,
     states,
 )
-from rules.context import TaskOrchestrationContext
-from rules.core import global_limits as v2
-from rules.store import Store, TagLimit
-from schemas.states import State, StateType
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.core import global_limits as v2
+from arbiter.rules.store import Store, TagLimit
+from arbiter.schemas.states import State, StateType
 
 _KEEPS_SLOTS = states(StateType.RUNNING, StateType.CANCELLING)
 

@@ -25,17 +25,17 @@ import datetime as dt
 import re
 import uuid
 
-from rules.base import (
+from arbiter.rules.base import (
     FlowRunOrchestrationRule,
     FlowRunUniversalTransform,
     StateTypeOrNone,
     all_states_except,
     states,
 )
-from rules.context import FlowOrchestrationContext
-from rules.core import global_limits as v2
-from rules.store import Deployment, GlobalLimit, deployment_limit_name
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.rules.core import global_limits as v2
+from arbiter.rules.store import Deployment, GlobalLimit, deployment_limit_name
+from arbiter.schemas.states import State, StateDetails, StateType
 
 # Prefect's workers of these versions manage deployment concurrency themselves.
 WORKER_VERSIONS_THAT_MANAGE_DEPLOYMENT_CONCURRENCY = frozenset(

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule
-from rules.context import FlowOrchestrationContext
-from schemas.states import State
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.schemas.states import State
 
 
 class PreventDuplicateTransitions(FlowRunOrchestrationRule):

@@ -21,8 +21,8 @@ import datetime as dt
 import math
 import uuid
 
-from rules.core.jitter import clamped_poisson_interval
-from rules.store import GlobalLimit, Lease
+from arbiter.rules.core.jitter import clamped_poisson_interval
+from arbiter.rules.store import GlobalLimit, Lease
 
 TAG_PREFIX = "tag:"
 

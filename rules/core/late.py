@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule, states
-from rules.context import FlowOrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule, states
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 class EnsureOnlyScheduledFlowsMarkedLate(FlowRunOrchestrationRule):

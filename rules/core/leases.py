@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.context import RuleSettings
-from rules.core import global_limits as v2
-from rules.core.concurrency import reclaim_expired_tag_slots
-from rules.store import Store, deployment_limit_name
-from schemas.runs import FlowRun, TaskRun
+from arbiter.rules.context import RuleSettings
+from arbiter.rules.core import global_limits as v2
+from arbiter.rules.core.concurrency import reclaim_expired_tag_slots
+from arbiter.rules.store import Store, deployment_limit_name
+from arbiter.schemas.runs import FlowRun, TaskRun
 
 __all__ = ["renew_run_slots"]
 

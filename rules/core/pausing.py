@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import uuid
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     FlowRunOrchestrationRule,
     StateTypeOrNone,
     states,
 )
-from rules.context import FlowOrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 def _verb(proposed_state: State) -> str:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.base import GenericOrchestrationRule, states
-from rules.context import OrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.base import GenericOrchestrationRule, states
+from arbiter.rules.context import OrchestrationContext
+from arbiter.schemas.states import State, StateType
 
 
 class PreventPendingTransitions(GenericOrchestrationRule):

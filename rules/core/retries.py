@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.base import FlowRunOrchestrationRule, states
-from rules.context import FlowOrchestrationContext
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.base import FlowRunOrchestrationRule, states
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.schemas.states import State, StateDetails, StateType
 
 
 class RetryFailedFlows(FlowRunOrchestrationRule):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
-from rules.context import TaskOrchestrationContext
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, TaskRunOrchestrationRule, states
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.schemas.states import State, StateDetails, StateType
 
 _NOT_RUNNING_REASON = "The enclosing flow must be running to begin task execution."
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     GenericOrchestrationRule,
     TaskRunOrchestrationRule,
     states,
 )
-from rules.context import OrchestrationContext, TaskOrchestrationContext
-from rules.core.jitter import clamped_poisson_interval
-from rules.errors import ObjectNotFoundError
-from schemas.runs import TaskRunPolicy
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.context import OrchestrationContext, TaskOrchestrationContext
+from arbiter.rules.core.jitter import clamped_poisson_interval
+from arbiter.rules.errors import ObjectNotFoundError
+from arbiter.schemas.runs import TaskRunPolicy
+from arbiter.schemas.states import State, StateDetails, StateType
 
 
 class RetryFailedTasks(TaskRunOrchestrationRule):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     TERMINAL_TYPES,
     StateTypeOrNone,
     TaskRunOrchestrationRule,
     states,
 )
-from rules.context import TaskOrchestrationContext
-from rules.errors import OrchestrationError
-from schemas.states import State, StateType
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.errors import OrchestrationError
+from arbiter.schemas.states import State, StateType
 
 _NEVER_AFTER_TERMINAL = states(StateType.CANCELLING, StateType.PAUSED, StateType.CRASHED)
 

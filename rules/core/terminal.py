@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from pydantic import JsonValue
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     TERMINAL_TYPES,
     FlowRunOrchestrationRule,
     StateTypeOrNone,
     states,
 )
-from rules.context import FlowOrchestrationContext
-from schemas.runs import FlowRunPolicy
-from schemas.states import State, StateType
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.schemas.runs import FlowRunPolicy
+from arbiter.schemas.states import State, StateType
 
 _NEVER_AFTER_TERMINAL = states(StateType.CANCELLING, StateType.PAUSED, StateType.CRASHED)
 

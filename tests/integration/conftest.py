@@ -1,7 +1,7 @@
 """Integration fixtures for the store: one engine on the session's migrated database.
 
 ``database_url`` (tests/fixtures/services.py) gets the servers from
-``worker.devservices.provide_services()`` and runs ``upgrade()`` once per session.
+``devtools.devservices.provide_services()`` and runs ``upgrade()`` once per session.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db.store import PgStore
+from arbiter.worker.db.store import PgStore
 
 
 @pytest.fixture

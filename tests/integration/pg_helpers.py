@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db.store import PgStore
+from arbiter.worker.db.store import PgStore
 
 NOW = dt.datetime(2026, 11, 26, 16, 0, tzinfo=dt.UTC)
 

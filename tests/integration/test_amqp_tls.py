@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.runtime import ServiceError, connect_broker
+from arbiter.worker.settings import Settings
 from tests.fixtures.certs import make_certificates
 from tests.fixtures.services import running_worker
-from worker.client import ArbiterClient
-from worker.runtime import ServiceError, connect_broker
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,11 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from schemas import OutcomeStatus, StateType
+from arbiter.schemas import OutcomeStatus, StateType
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.exploding_policy import EXPLODE
 from tests.fixtures.services import isolated_settings
 from tests.integration.test_batches import (
@@ -31,10 +35,6 @@ from tests.integration.test_batches import (
     worker_taking_one_batch,
 )
 from tests.integration.test_worker_roundtrip import history_of
-from worker.db.engine import create_engine
-from worker.devservices import Services
-from worker.metrics import WorkerMetrics
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -18,16 +18,16 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from arbiter.schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from arbiter.worker.consumer import Consumer
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
 from tests.fixtures.services import running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import OutcomeTap, history_of, proposal_body
-from worker.consumer import Consumer
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.metrics import WorkerMetrics
-from worker.settings import Settings
-from worker.topology import declare_topology
 
 pytestmark = pytest.mark.integration
 

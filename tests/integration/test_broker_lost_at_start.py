@@ -9,12 +9,12 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
-from worker.client import ArbiterClient
-from worker.consumer import Consumer
-from worker.metrics import WorkerMetrics
-from worker.runtime import build_runtime
-from worker.settings import Settings
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.consumer import Consumer
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.runtime import build_runtime
+from arbiter.worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -10,17 +10,17 @@ import uuid
 
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from worker.client import ArbiterClient
-from worker.pool import settings_env
-from worker.settings import Settings
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.pool import settings_env
 
 pytestmark = pytest.mark.integration
 
 
 def arbiter(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "arbiter", *args],
         env={**settings_env(settings), **env},
         capture_output=True,
         text=True,

@@ -11,12 +11,12 @@ import aio_pika
 import pytest
 from aiormq.exceptions import DeliveryError
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateDetails, StateType
-from schemas.states import utcnow
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateDetails, StateType
+from arbiter.schemas.states import utcnow
+from arbiter.worker.client import ArbiterClient, OutcomeTimeoutError
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings
-from worker.client import ArbiterClient, OutcomeTimeoutError
-from worker.devservices import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

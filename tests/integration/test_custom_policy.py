@@ -11,15 +11,15 @@ import uuid
 import pytest
 from pydantic import JsonValue
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
-from schemas.messages import Outcome, RuleEffect
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas.messages import Outcome, RuleEffect
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.runtime import ServiceError, build_orchestrator
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.custom_policy import MISSING_TICKET_REASON
 from tests.fixtures.services import isolated_settings
 from tests.integration.test_worker_roundtrip import history_of
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.runtime import ServiceError, build_orchestrator
-from worker.settings import Settings
 
 POLICY_PATH = "tests.fixtures.custom_policy.TicketedFlowPolicy"
 

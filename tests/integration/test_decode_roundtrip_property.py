@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
-from worker.db.batch_store import BatchStore
-from worker.db.store import PgStore
-from worker.decode import Decoded, Invalid, decode_proposal
+from arbiter.schemas import ErrorCode, FlowRun, FlowRunSpec, Proposal, TaskRun, TaskRunSpec
+from arbiter.worker.db.batch_store import BatchStore
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.decode import Decoded, Invalid, decode_proposal
 
 pytestmark = pytest.mark.integration
 

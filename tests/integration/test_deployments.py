@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
-from schemas.runs import DeploymentSpec
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas.runs import DeploymentSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
 from tests.integration.test_cli import arbiter
-from worker.client import ArbiterClient
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

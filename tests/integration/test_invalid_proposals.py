@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aio_pika
 import pytest
 
-from schemas import (
+from arbiter.schemas import (
     ErrorCode,
     FlowRunSpec,
     Outcome,
@@ -20,6 +20,9 @@ from schemas import (
     StateType,
     TaskRunSpec,
 )
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings
 from tests.integration.test_worker_roundtrip import (
     OutcomeTap,
@@ -27,9 +30,6 @@ from tests.integration.test_worker_roundtrip import (
     proposal_body,
     publish_raw,
 )
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -12,19 +12,19 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.store import Lease
-from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from schemas.states import utcnow
+from arbiter.rules.store import Lease
+from arbiter.schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas.states import utcnow
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_parked_waits import wait_parked
 from tests.integration.test_sweepers import started_sweeper, stopped
 from tests.integration.test_worker_roundtrip import history_of
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.db.transaction import store_transaction
-from worker.devservices import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -15,14 +15,14 @@ import uuid
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateDetails, StateType
-from schemas.states import utcnow
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateDetails, StateType
+from arbiter.schemas.states import utcnow
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.runtime import ServiceError
+from arbiter.worker.service import run_worker
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_worker_roundtrip import OutcomeTap, proposal_body, publish_raw
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.runtime import ServiceError
-from worker.service import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -119,7 +119,7 @@ async def test_the_debug_log_has_a_line_per_decision_naming_its_rules(
     scheduled = ProposedState(
         type=StateType.SCHEDULED, state_details=StateDetails(scheduled_time=later)
     )
-    caplog.set_level(logging.DEBUG, logger="worker.consumer")
+    caplog.set_level(logging.DEBUG, logger="arbiter.worker.consumer")
     async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
         await client.propose("flow_run", run_id, scheduled, run=FlowRunSpec())
         await client.propose("flow_run", run_id, ProposedState(type=StateType.PENDING))

@@ -14,8 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from worker.pool import settings_env
-from worker.settings import Settings
+from arbiter.worker.settings import Settings
+from devtools.pool import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def output_of(settings: Settings, *args: str, timeout: float = 60) -> str:
     env = {**settings_env(settings), "ARBITER_LOG_LEVEL": "DEBUG"}
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "worker.cli", *args],
+            [sys.executable, "-m", "arbiter", *args],
             env=env,
             capture_output=True,
             text=True,

@@ -14,19 +14,19 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from rules.engine import Orchestrator
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from schemas.states import StateDetails, utcnow
+from arbiter.rules.engine import Orchestrator
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas.states import StateDetails, utcnow
+from arbiter.worker import reevaluation
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.reevaluation import Reevaluator
+from arbiter.worker.runtime import connect_broker
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_worker_roundtrip import OutcomeTap, history_of, publish_raw
-from worker import reevaluation
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.devservices import Services
-from worker.reevaluation import Reevaluator
-from worker.runtime import connect_broker
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

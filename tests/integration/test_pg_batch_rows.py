@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from schemas import State, StateType, TaskRun
-from worker.db.batch_store import BatchStore
-from worker.db.store import PgStore
+from arbiter.schemas import State, StateType, TaskRun
+from arbiter.worker.db.batch_store import BatchStore
+from arbiter.worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 

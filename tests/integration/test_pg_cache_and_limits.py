@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.errors import StoreError
-from rules.store import TagLimit
-from schemas import State, StateType, TaskRun
+from arbiter.rules.errors import StoreError
+from arbiter.rules.store import TagLimit
+from arbiter.schemas import State, StateType, TaskRun
+from arbiter.worker.db.store import PgStore
 from tests.factories import create_task_run, make_state
 from tests.integration.pg_helpers import NOW, committed, impatient
-from worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 

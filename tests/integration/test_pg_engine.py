@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from worker.db.engine import asyncpg_url, create_engine
+from arbiter.worker.db.engine import asyncpg_url, create_engine
 
 pytestmark = pytest.mark.integration
 

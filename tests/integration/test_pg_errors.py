@@ -11,9 +11,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from rules.errors import StoreError
-from worker.db.engine import create_engine
-from worker.db.store import PgStore, is_transient, translate_db_error
+from arbiter.rules.errors import StoreError
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore, is_transient, translate_db_error
 
 pytestmark = pytest.mark.integration
 

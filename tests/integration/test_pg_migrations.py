@@ -8,7 +8,6 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -16,14 +15,14 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from worker.db import tables
-from worker.db.engine import asyncpg_url, create_engine
-from worker.db.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade, upgrade_async
-from worker.db.store import PgStore, ProcessedProposal
+from arbiter.worker.db import tables
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.migrate import MIGRATION_LOCK_KEY, alembic_config, upgrade, upgrade_async
+from arbiter.worker.db.store import PgStore, ProcessedProposal
+from tests.fixtures.databases import run_blocking
 
 pytestmark = pytest.mark.integration
 
@@ -192,38 +191,3 @@ def schema_diff(database_url: str) -> list[object]:
             await engine.dispose()
 
     return run_blocking(run())
-
-
-def run_blocking(coroutine: object) -> list[object]:
-    """Run a coroutine to completion on a fresh loop in a helper thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(1) as pool:
-        result: list[object] = pool.submit(asyncio.run, coroutine).result()  # type: ignore[arg-type]
-    return result
-
-
-@pytest.fixture
-def empty_database_url(database_url: str) -> Iterator[str]:
-    """A new, empty database on the same server; skipped when the role may not create one."""
-    name = f"arbiter_test_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        engine = create_engine(database_url, pool_size=1)
-        try:
-            async with engine.connect() as connection:
-                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                await autocommit.execute(sa.text(statement))
-        finally:
-            await engine.dispose()
-
-    try:
-        run_blocking(admin(f'CREATE DATABASE "{name}"'))
-    except sa_exc.DBAPIError as exc:
-        if "permission denied" in str(exc):
-            pytest.skip("the test role may not CREATE DATABASE (grant it CREATEDB to run this)")
-        raise
-    try:
-        yield asyncpg_url(database_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        run_blocking(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))

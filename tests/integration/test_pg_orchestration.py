@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
-from rules.store import AdminStore
-from schemas import State, StateDetails, StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas import State, StateDetails, StateType
+from arbiter.worker.db.store import PgStore
 from tests.factories import create_task_run, initialize_orchestration
 from tests.integration.pg_helpers import NOW
-from worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from rules.errors import StoreError
-from schemas import FlowRun
-from schemas.states import utcnow
-from worker.db.batch_store import BatchStore
-from worker.db.store import PgStore
+from arbiter.rules.errors import StoreError
+from arbiter.schemas import FlowRun
+from arbiter.schemas.states import utcnow
+from arbiter.worker.db.batch_store import BatchStore
+from arbiter.worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 

@@ -16,13 +16,13 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.errors import StoreError
-from schemas import FlowRun, FlowRunPolicy, StateType, TaskRun
-from schemas.runs import TaskRunPolicy
+from arbiter.rules.errors import StoreError
+from arbiter.schemas import FlowRun, FlowRunPolicy, StateType, TaskRun
+from arbiter.schemas.runs import TaskRunPolicy
+from arbiter.worker.db import tables
+from arbiter.worker.db.store import PgStore
 from tests.factories import create_flow_run, create_task_run, make_state
 from tests.integration.pg_helpers import NOW, committed, impatient
-from worker.db import tables
-from worker.db.store import PgStore
 
 pytestmark = pytest.mark.integration
 

@@ -19,9 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import sqlalchemy as sa
 
+from arbiter.worker.db.engine import connect_options, create_engine
+from arbiter.worker.db.migrate import upgrade
 from tests.fixtures.certs import make_certificates
-from worker.db.engine import connect_options, create_engine
-from worker.db.migrate import upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -150,7 +150,7 @@ def test_migrate_and_the_command_line_use_the_same_options(tls_server: TlsServer
     )
     upgrade(url)
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "limits", "ls", "--json"],
+        [sys.executable, "-m", "arbiter", "limits", "ls", "--json"],
         env={**os.environ, "ARBITER_DATABASE_URL": url},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip

@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.errors import StoreError
-from worker.db.engine import create_engine
-from worker.db.transaction import store_transaction
+from arbiter.rules.errors import StoreError
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.transaction import store_transaction
 
 pytestmark = pytest.mark.integration
 

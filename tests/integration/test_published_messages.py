@@ -18,7 +18,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import (
+from arbiter.schemas import (
     FlowRunSpec,
     Outcome,
     OutcomeStatus,
@@ -27,14 +27,14 @@ from schemas import (
     StateType,
     TaskRunSpec,
 )
-from schemas.states import utcnow
+from arbiter.schemas.states import utcnow
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_worker_roundtrip import OutcomeTap, proposal_body, publish_raw
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.devservices import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 from sqlalchemy import text
 
-from schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from arbiter.schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from arbiter.worker.db.store import BatchRows, PgStore
+from arbiter.worker.settings import Settings
 from tests.fixtures.services import running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import (
@@ -20,8 +22,6 @@ from tests.integration.test_worker_roundtrip import (
     proposal_body,
     publish_raw,
 )
-from worker.db.store import BatchRows, PgStore
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -114,12 +114,12 @@ async def test_a_refused_proposal_inside_a_batch_is_split_out_and_its_neighbours
 ) -> None:
     """Nine proposals taken as one batch, the fifth refused by the database: the batch is
     split until the culprit is alone; it is INVALID unstorable, the eight others ACCEPT."""
+    from arbiter.worker.metrics import WorkerMetrics
     from tests.integration.test_batches import (
         outcome_tap,
         publish_backlog,
         worker_taking_one_batch,
     )
-    from worker.metrics import WorkerMetrics
 
     sizes: list[int] = []
     refuse_run_named_in_batches(monkeypatch, "poison", FAILING_SQL["22012"], sizes)

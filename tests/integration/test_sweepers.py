@@ -19,23 +19,23 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.engine import Orchestrator
-from schemas import FlowRunSpec, Proposal, ProposedState, StateType, TaskRunSpec
-from schemas.runs import RunKind
-from schemas.states import StateDetails, utcnow
+from arbiter.rules.engine import Orchestrator
+from arbiter.schemas import FlowRunSpec, Proposal, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas.runs import RunKind
+from arbiter.schemas.states import StateDetails, utcnow
+from arbiter.worker.batch import process_batch
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.decode import Decoded, body_digest
+from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.runtime import connect_broker
+from arbiter.worker.settings import Settings
+from arbiter.worker.sweepers import Sweeper
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_cli import arbiter
 from tests.integration.test_worker_roundtrip import OutcomeTap
-from worker.batch import process_batch
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.db.transaction import store_transaction
-from worker.decode import Decoded, body_digest
-from worker.devservices import Services
-from worker.metrics import WorkerMetrics
-from worker.runtime import connect_broker
-from worker.settings import Settings
-from worker.sweepers import Sweeper
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,11 @@ import uuid
 import pytest
 from sqlalchemy import text
 
-from schemas import ErrorCode, FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas import ErrorCode, FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import (
@@ -23,10 +27,6 @@ from tests.integration.test_worker_roundtrip import (
     proposal_body,
     publish_raw,
 )
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.devservices import Services
-from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -137,8 +137,8 @@ async def test_the_worker_keeps_serving_other_runs_while_one_is_locked(
 
 async def test_an_unreachable_database_at_startup_is_one_clear_error(services: Services) -> None:
     """A worker pointed at a closed port fails fast with the setting's name."""
-    from worker.runtime import ServiceError
-    from worker.service import run_worker
+    from arbiter.worker.runtime import ServiceError
+    from arbiter.worker.service import run_worker
 
     settings = Settings(amqp_url=services.amqp_url, database_url="postgresql://x:y@127.0.0.1:1/db")
     with pytest.raises(ServiceError, match="ARBITER_DATABASE_URL"):
@@ -147,8 +147,8 @@ async def test_an_unreachable_database_at_startup_is_one_clear_error(services: S
 
 async def test_an_unreachable_broker_at_startup_is_one_clear_error(database_url: str) -> None:
     """A worker pointed at a closed AMQP port fails fast with the setting's name."""
-    from worker.runtime import ServiceError
-    from worker.service import run_worker
+    from arbiter.worker.runtime import ServiceError
+    from arbiter.worker.service import run_worker
 
     settings = Settings(amqp_url="amqp://guest:guest@127.0.0.1:1/", database_url=database_url)
     with pytest.raises(ServiceError, match="ARBITER_AMQP_URL"):
@@ -160,8 +160,8 @@ async def test_an_unexpected_error_requeues_the_delivery_instead_of_stranding_it
 ) -> None:
     """A bug while handling a delivery (here: decoding raises once) gives the delivery back
     to the queue; the redelivery is processed, so no prefetch slot is lost for good."""
-    import worker.consumer
-    from worker.decode import decode_proposal as real_decode
+    import arbiter.worker.consumer
+    from arbiter.worker.decode import decode_proposal as real_decode
 
     calls = 0
 
@@ -172,7 +172,7 @@ async def test_an_unexpected_error_requeues_the_delivery_instead_of_stranding_it
             raise RuntimeError("a bug in decoding")
         return real_decode(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(worker.consumer, "decode_proposal", decode_failing_once)
+    monkeypatch.setattr(arbiter.worker.consumer, "decode_proposal", decode_failing_once)
     run_id = uuid.uuid4()
     body = json.dumps(proposal_body(run_id, StateType.PENDING, run={})).encode()
     async with running_worker(settings), OutcomeTap(settings, "bug.key") as tap:
@@ -188,7 +188,7 @@ async def test_an_error_on_every_delivery_is_answered_on_the_last_one(
 ) -> None:
     """A bug that strikes every delivery (decoding always raises): the proposal is given
     back until its last allowed delivery, which publishes an ABORT and dead-letters it."""
-    import worker.consumer
+    import arbiter.worker.consumer
 
     calls = 0
 
@@ -197,7 +197,7 @@ async def test_an_error_on_every_delivery_is_answered_on_the_last_one(
         calls += 1
         raise RuntimeError("a bug in decoding")
 
-    monkeypatch.setattr(worker.consumer, "decode_proposal", decode_always_failing)
+    monkeypatch.setattr(arbiter.worker.consumer, "decode_proposal", decode_always_failing)
     proposal_id = uuid.uuid4()
     document = proposal_body(uuid.uuid4(), StateType.PENDING, proposal_id=proposal_id, run={})
     body = json.dumps(document).encode()

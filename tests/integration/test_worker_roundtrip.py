@@ -10,11 +10,18 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from schemas import FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType, TaskRunSpec
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.settings import Settings
+from arbiter.schemas import (
+    FlowRunSpec,
+    Outcome,
+    OutcomeStatus,
+    ProposedState,
+    StateType,
+    TaskRunSpec,
+)
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 

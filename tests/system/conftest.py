@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.pool import WorkerPool
-from worker.settings import Settings
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool
 
 
 @pytest.fixture

@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from schemas import Outcome, OutcomeStatus, StateType
+from arbiter.schemas import Outcome, OutcomeStatus, StateType
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
+from devtools.pool import WorkerPool
 from tests.fixtures.services import isolated_settings
 from tests.fixtures.written import written_for
 from tests.integration.test_batches import (
@@ -34,11 +39,6 @@ from tests.integration.test_batches import (
     task,
 )
 from tests.integration.test_worker_roundtrip import OutcomeTap, history_of
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.devservices import Services
-from worker.pool import WorkerPool
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 

@@ -8,11 +8,11 @@ import uuid
 
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool
 from tests.fixtures.written import written_for
-from worker.client import ArbiterClient
-from worker.pool import WorkerPool
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 

@@ -12,10 +12,10 @@ import uuid
 
 import pytest
 
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool
 from tests.fixtures.fuzzing import drive, summarise
 from tests.fixtures.hostile import FuzzPlan
-from worker.pool import WorkerPool
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 

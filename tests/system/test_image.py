@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.devservices import docker_available
 from tests.unit.deploy.dockerfile import parse
 from tests.unit.deploy.paths import DEPLOY, ROOT, dev_packages, pyproject
-from worker.devservices import docker_available
 
 pytestmark = pytest.mark.system
 

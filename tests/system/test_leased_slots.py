@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.db.store import PgStore
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool, settings_env
 from tests.integration.test_worker_roundtrip import history_of
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.db.store import PgStore
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 
@@ -66,7 +66,7 @@ async def test_sixty_tasks_three_leased_slots_and_a_worker_killed_twice(
     limit_args = ["--global", f"tag:{tag}", "3"] if kind == "global" else [tag, "3"]
     await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "worker.cli", "limits", "set", *limit_args],
+        [sys.executable, "-m", "arbiter", "limits", "set", *limit_args],
         env=settings_env(settings),
         check=True,
         capture_output=True,

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas import OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.engine import create_engine
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool
 from tests.fixtures.proxy import CuttableProxy, proxy_for
-from worker.client import ArbiterClient
-from worker.db.engine import create_engine
-from worker.pool import WorkerPool
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 

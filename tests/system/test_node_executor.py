@@ -21,12 +21,12 @@ from typing import Any
 import aio_pika
 import pytest
 
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+from devtools.devservices import Services
+from devtools.pool import WorkerPool, settings_env
 from tests.fixtures.proxy import proxy_for
 from tests.fixtures.services import isolated_settings
-from worker.devservices import Services
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
-from worker.topology import declare_topology
 
 pytestmark = pytest.mark.system
 
@@ -85,7 +85,7 @@ async def arbiter(settings: Settings, *args: str) -> Any:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker.cli",
+        "arbiter",
         *args,
         env=settings_env(settings),
         stdout=asyncio.subprocess.PIPE,

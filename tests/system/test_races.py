@@ -10,11 +10,11 @@ import uuid
 
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.pool import WorkerPool, settings_env
 from tests.integration.test_worker_roundtrip import OutcomeTap, history_of, publish_raw
-from worker.client import ArbiterClient
-from worker.pool import WorkerPool, settings_env
-from worker.settings import Settings
 
 pytestmark = pytest.mark.system
 
@@ -49,7 +49,7 @@ async def test_thirty_tasks_racing_for_a_limit_of_three(
     tag = f"race-{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "worker.cli", "limits", "set", tag, "3"],
+        [sys.executable, "-m", "arbiter", "limits", "set", tag, "3"],
         env=settings_env(settings),
         check=True,
         capture_output=True,
@@ -89,7 +89,7 @@ async def test_thirty_tasks_racing_for_a_limit_of_three(
         assert all(o.status is OutcomeStatus.ACCEPT for o in finished)
     listed = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "worker.cli", "limits", "ls", "--json"],
+        [sys.executable, "-m", "arbiter", "limits", "ls", "--json"],
         env=settings_env(settings),
         check=True,
         capture_output=True,

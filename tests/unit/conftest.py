@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from rules.memory import InMemoryStore
-from rules.store import AdminStore
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.store import AdminStore
 
 # The rule scenarios of Prefect's core, global and instrumentation suites run on both stores:
 # every module under these packages (core/ has one per rule family, so new ones join
@@ -48,7 +48,7 @@ _ENGINES: dict[str, AsyncEngine] = {}
 def _engine(database_url: str) -> AsyncEngine:
     # One engine for the session (its loop is the session's); a sync fixture cannot be
     # requested lazily from this async one, so it is cached here instead.
-    from worker.db.engine import create_engine
+    from arbiter.worker.db.engine import create_engine
 
     if database_url not in _ENGINES:
         _ENGINES[database_url] = create_engine(database_url, pool_size=2)
@@ -75,8 +75,8 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[AdminStore]:
     if request.param == "memory":
         yield InMemoryStore()
         return
+    from arbiter.worker.db.store import PgStore
     from tests.fixtures.batch_store import BatchAdminStore
-    from worker.db.store import PgStore
 
     engine = _engine(request.getfixturevalue("database_url"))
     async with engine.connect() as connection:

@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from worker.acks import Acker
+from arbiter.worker.acks import Acker
 
 
 class Wire:

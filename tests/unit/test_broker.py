@@ -9,8 +9,8 @@ import socket
 import aio_pika
 import pytest
 
-from worker.runtime import ServiceError, connect_broker
-from worker.settings import Settings
+from arbiter.worker.runtime import ServiceError, connect_broker
+from arbiter.worker.settings import Settings
 
 
 def unused_port() -> int:

@@ -7,11 +7,11 @@ import uuid
 
 from pydantic import JsonValue
 
-from rules.engine import Orchestrator, default_policies
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus, StateAbortDetails
-from schemas import FlowRun, StateType
-from schemas.messages import RuleEffect, RuleTraceEntry
+from arbiter.rules.engine import Orchestrator, default_policies
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus, StateAbortDetails
+from arbiter.schemas import FlowRun, StateType
+from arbiter.schemas.messages import RuleEffect, RuleTraceEntry
 from tests.factories import make_state
 from tests.fixtures.custom_policy import (
     MISSING_TICKET_REASON,

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from schemas import ErrorCode, FlowRunSpec, StateType, TaskRunSpec
-from worker.db.storable import unstorable
-from worker.decode import Decoded, Invalid, body_digest, decode_proposal
+from arbiter.schemas import ErrorCode, FlowRunSpec, StateType, TaskRunSpec
+from arbiter.worker.db.storable import unstorable
+from arbiter.worker.decode import Decoded, Invalid, body_digest, decode_proposal
 
 MAX = 4096
 

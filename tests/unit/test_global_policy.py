@@ -11,8 +11,8 @@ import datetime as dt
 
 import pytest
 
-from rules.base import TERMINAL_TYPES, StateTypeOrNone
-from rules.bookkeeping import (
+from arbiter.rules.base import TERMINAL_TYPES, StateTypeOrNone
+from arbiter.rules.bookkeeping import (
     IncrementFlowRunCount,
     IncrementRunTime,
     IncrementTaskRunCount,
@@ -27,11 +27,11 @@ from rules.bookkeeping import (
     UpdateSubflowParentTask,
     UpdateSubflowStateDetails,
 )
-from rules.context import FlowOrchestrationContext
-from rules.engine import Orchestrator
-from rules.memory import InMemoryStore
-from schemas.runs import TaskRun
-from schemas.states import StateType, utcnow
+from arbiter.rules.context import FlowOrchestrationContext
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.runs import TaskRun
+from arbiter.schemas.states import StateType, utcnow
 from tests.factories import (
     RunType,
     create_flow_run,

@@ -12,8 +12,8 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 import pytest
 
-from worker import health
-from worker.health import Health
+from arbiter.worker import health
+from arbiter.worker.health import Health
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeAlias
 
-from rules.base import ALL_ORCHESTRATION_STATES, BaseOrchestrationRule
-from rules.context import OrchestrationContext
-from rules.policy import BaseOrchestrationPolicy, RuleClass
-from schemas.states import StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, BaseOrchestrationRule
+from arbiter.rules.context import OrchestrationContext
+from arbiter.rules.policy import BaseOrchestrationPolicy, RuleClass
+from arbiter.schemas.states import StateType
 
 AnyContext: TypeAlias = OrchestrationContext[Any]
 

@@ -18,10 +18,10 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 from aiormq.abc import FieldTable
 
-from schemas import ErrorCode, OutcomeStatus, RuleEffect
-from worker.headers import CONTRACT_HEADERS
-from worker.settings import Settings
-from worker.topology import declare_topology
+from arbiter.schemas import ErrorCode, OutcomeStatus, RuleEffect
+from arbiter.worker.headers import CONTRACT_HEADERS
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "protocol.md"

@@ -12,12 +12,16 @@ import contextlib
 import datetime as dt
 from typing import Any, TypeAlias
 
-from rules.base import ALL_ORCHESTRATION_STATES, BaseOrchestrationRule, BaseUniversalTransform
-from rules.context import OrchestrationContext
-from rules.engine import Orchestrator
-from rules.memory import InMemoryStore
-from schemas.messages import RuleEffect, RuleTraceEntry
-from schemas.states import State, StateType
+from arbiter.rules.base import (
+    ALL_ORCHESTRATION_STATES,
+    BaseOrchestrationRule,
+    BaseUniversalTransform,
+)
+from arbiter.rules.context import OrchestrationContext
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.messages import RuleEffect, RuleTraceEntry
+from arbiter.schemas.states import State, StateType
 from tests.factories import create_flow_run, initialize_orchestration, make_state
 
 AnyContext: TypeAlias = OrchestrationContext[Any]

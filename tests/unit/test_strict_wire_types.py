@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
-from schemas import ErrorCode, FlowRunSpec, Proposal, TaskRunSpec
-from worker.decode import Decoded, Invalid, decode_proposal
+from arbiter.schemas import ErrorCode, FlowRunSpec, Proposal, TaskRunSpec
+from arbiter.worker.decode import Decoded, Invalid, decode_proposal
 
 Kind = Literal["integer", "number", "boolean", "enum", "timestamp"]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from schemas.runs import FlowRun, RunKind, TaskRun
-from worker.db import statements as sql
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.worker.db import statements as sql
 
 __all__ = ["BatchRead", "BatchRows", "ProcessedProposal"]
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import pydantic_core
 
-from rules.errors import StoreError
-from rules.store import Deployment, GlobalLimit, TagLimit
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State, StateType
-from worker.db import statements as sql
-from worker.db.global_limits import save_many
-from worker.db.rows import run_values, slot_expires_json, state_values
-from worker.db.storable import unstorable
-from worker.db.store import BatchRows, PgStore
+from arbiter.rules.errors import StoreError
+from arbiter.rules.store import Deployment, GlobalLimit, TagLimit
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import State, StateType
+from arbiter.worker.db import statements as sql
+from arbiter.worker.db.global_limits import save_many
+from arbiter.worker.db.rows import run_values, slot_expires_json, state_values
+from arbiter.worker.db.storable import unstorable
+from arbiter.worker.db.store import BatchRows, PgStore
 
 __all__ = ["BatchStore", "RunKey"]
 

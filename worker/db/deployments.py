@@ -7,8 +7,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from rules.store import Deployment, deployment_limit_name
-from worker.db import global_limits, tables
+from arbiter.rules.store import Deployment, deployment_limit_name
+from arbiter.worker.db import global_limits, tables
 
 __all__ = ["DeploymentRows"]
 

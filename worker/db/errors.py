@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
 
-from rules.errors import StoreError
+from arbiter.rules.errors import StoreError
 
 # Failures that a new attempt of the whole transaction can get past.
 _RETRYABLE_SQLSTATES = frozenset(

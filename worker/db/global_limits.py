@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from rules.store import GlobalLimit, Lease
-from worker.db import tables
+from arbiter.rules.store import GlobalLimit, Lease
+from arbiter.worker.db import tables
 
 __all__ = ["EXPIRED_LEASES", "GlobalLimitRows", "limit_from", "save_many"]
 

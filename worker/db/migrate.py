@@ -17,7 +17,7 @@ from sqlalchemy import pool, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.db.engine import APPLICATION_NAME, asyncpg_url, connect_options
+from arbiter.worker.db.engine import APPLICATION_NAME, asyncpg_url, connect_options
 
 __all__ = ["MIGRATIONS_DIR", "MIGRATION_LOCK_KEY", "alembic_config", "upgrade", "upgrade_async"]
 

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 PARK = """
 INSERT INTO parked_proposal
-    (proposal_id, body, body_sha256, reply_to, correlation_id, attempt, parked_at, due_at)
+    (proposal_id, body, body_sha256, reply_to, correlation_id, traceparent, tracestate,
+     attempt, parked_at, due_at)
 SELECT p.*, 0, $6::timestamptz, d.due_at
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
-    AS p(proposal_id, body, body_sha256, reply_to, correlation_id)
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $8::text[], $9::text[])
+    AS p(proposal_id, body, body_sha256, reply_to, correlation_id, traceparent, tracestate)
 JOIN unnest($1::uuid[], $7::timestamptz[]) AS d(proposal_id, due_at) USING (proposal_id)
 ON CONFLICT (proposal_id) DO NOTHING
 """
 
 CLAIM_DUE = """
-SELECT proposal_id, body, reply_to, correlation_id, attempt, parked_at, due_at
+SELECT proposal_id, body, reply_to, correlation_id, traceparent, tracestate, attempt,
+    parked_at, due_at
 FROM parked_proposal
 WHERE answer IS NULL AND due_at <= $1
 ORDER BY due_at
@@ -52,7 +54,7 @@ FROM answers AS a WHERE r.proposal_id = a.proposal_id
 """
 
 CLAIM_UNPUBLISHED = """
-SELECT proposal_id, reply_to, correlation_id, answer::text AS answer,
+SELECT proposal_id, reply_to, correlation_id, traceparent, tracestate, answer::text AS answer,
     answer_outbox::text AS answer_outbox
 FROM parked_proposal
 WHERE answer IS NOT NULL AND due_at <= $1

@@ -10,11 +10,11 @@ from typing import Any
 
 from sqlalchemy.engine import RowMapping
 
-from rules.store import TagLimit
-from schemas.runs import FlowRun, TaskRun
-from schemas.states import State
-from worker.db import statements as sql
-from worker.db.batch_rows import ProcessedProposal
+from arbiter.rules.store import TagLimit
+from arbiter.schemas.runs import FlowRun, TaskRun
+from arbiter.schemas.states import State
+from arbiter.worker.db import statements as sql
+from arbiter.worker.db.batch_rows import ProcessedProposal
 
 __all__ = [
     "processed_from",

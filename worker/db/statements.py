@@ -15,9 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import StateType
-from worker.db import tables
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import StateType
+from arbiter.worker.db import tables
 
 
 @dataclass(frozen=True)

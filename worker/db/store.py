@@ -29,17 +29,17 @@ from sqlalchemy.engine import CursorResult, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Executable
 
-from rules.errors import StoreError
-from rules.store import TagLimit
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State
-from worker.db import statements as sql
-from worker.db import tables
-from worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
-from worker.db.deployments import DeploymentRows
-from worker.db.errors import is_transient, translate_db_error
-from worker.db.global_limits import GlobalLimitRows
-from worker.db.rows import (
+from arbiter.rules.errors import StoreError
+from arbiter.rules.store import TagLimit
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import State
+from arbiter.worker.db import statements as sql
+from arbiter.worker.db import tables
+from arbiter.worker.db.batch_rows import BatchRead, BatchRows, ProcessedProposal
+from arbiter.worker.db.deployments import DeploymentRows
+from arbiter.worker.db.errors import is_transient, translate_db_error
+from arbiter.worker.db.global_limits import GlobalLimitRows
+from arbiter.worker.db.rows import (
     processed_from,
     run_from,
     run_values,
@@ -48,7 +48,7 @@ from worker.db.rows import (
     state_values,
     tag_limit_from,
 )
-from worker.db.storable import unstorable
+from arbiter.worker.db.storable import unstorable
 
 __all__ = [
     "BatchRead",

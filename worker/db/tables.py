@@ -221,4 +221,7 @@ parked_proposal = sa.Table(
     sa.Column("due_at", sa.DateTime(timezone=True), nullable=False, index=True),
     sa.Column("answer", JSONB(none_as_null=True), nullable=True),
     sa.Column("answer_outbox", JSONB(none_as_null=True), nullable=True),
+    # The proposal's W3C trace context (worker/tracing.py), for what its final answer causes.
+    sa.Column("traceparent", sa.Text, nullable=True),
+    sa.Column("tracestate", sa.Text, nullable=True),
 )

@@ -19,9 +19,9 @@ from asyncpg import Connection
 from asyncpg.transaction import Transaction
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from rules.errors import StoreError
-from worker.db.errors import translate_db_error
-from worker.db.store import PgStore
+from arbiter.rules.errors import StoreError
+from arbiter.worker.db.errors import translate_db_error
+from arbiter.worker.db.store import PgStore
 
 __all__ = ["store_transaction"]
 

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.settings import Settings
 
 
 @pytest.fixture(scope="package")

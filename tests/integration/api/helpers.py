@@ -8,7 +8,7 @@ import uuid
 from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import (
+from arbiter.schemas import (
     FlowRun,
     FlowRunSpec,
     Outcome,
@@ -20,8 +20,8 @@ from schemas import (
     StateType,
     TaskRun,
 )
-from worker.client import ArbiterClient
-from worker.db.store import PgStore
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.db.store import PgStore
 
 
 def proposed(

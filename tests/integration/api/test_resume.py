@@ -9,9 +9,9 @@ import uuid
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import FlowRunSpec, OutcomeStatus, StateType
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, StateType
+from arbiter.worker.client import ArbiterClient
 from tests.integration.api.helpers import accepted, history, in_days, proposed, running_flow_run
-from worker.client import ArbiterClient
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import pytest
 from pydantic import JsonValue
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import FlowRunSpec, OutcomeStatus, StateType
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, StateType
+from arbiter.worker.client import ArbiterClient
 from tests.integration.api.helpers import accepted, history, in_days, proposed, show_run
-from worker.client import ArbiterClient
 
 pytestmark = pytest.mark.integration
 

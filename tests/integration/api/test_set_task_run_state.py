@@ -7,9 +7,9 @@ import uuid
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from schemas import ErrorCode, OutcomeStatus, StateType, TaskRun, TaskRunPolicy, TaskRunSpec
+from arbiter.schemas import ErrorCode, OutcomeStatus, StateType, TaskRun, TaskRunPolicy, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
 from tests.integration.api.helpers import accepted, history, proposed, running_flow_run, show_run
-from worker.client import ArbiterClient
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ import aio_pika
 import asyncpg
 import pytest
 
-from worker.db.migrate import upgrade
-from worker.devservices import Services
+from arbiter.worker.db.migrate import upgrade
+from devtools.devservices import Services
 
 DEPLOY = Path(__file__).resolve().parents[3] / "deploy"
 DEFINITIONS = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aiormq.exceptions import ChannelAccessRefused
 
-from schemas import (
+from arbiter.schemas import (
     FlowRunSpec,
     OutcomeStatus,
     ProposedState,
@@ -22,15 +22,15 @@ from schemas import (
     StateType,
     TaskRunSpec,
 )
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.runtime import ServiceError
+from arbiter.worker.service import run_worker
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.deploy.conftest import Broker, Roles
 from tests.integration.test_worker_roundtrip import OutcomeTap
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.runtime import ServiceError
-from worker.service import run_worker
-from worker.settings import Settings
-from worker.topology import declare_topology
 
 pytestmark = pytest.mark.integration
 

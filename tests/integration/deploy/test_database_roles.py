@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
+from arbiter.worker.db.tables import metadata
 from tests.integration.deploy.conftest import Roles, plain
-from worker.db.tables import metadata
 
 pytestmark = pytest.mark.integration
 
@@ -44,7 +44,7 @@ def cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``arbiter ARGS`` in a process of its own, on ``database_url``."""
     env = {**os.environ, "ARBITER_DATABASE_URL": database_url}
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "arbiter", *args],
         env=env,
         capture_output=True,
         text=True,

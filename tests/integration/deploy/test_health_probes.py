@@ -17,13 +17,13 @@ from collections.abc import Callable
 import aio_pika
 import pytest
 
-from schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
+from arbiter.worker.client import ArbiterClient
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+from devtools.devservices import Services
 from tests.fixtures.proxy import proxy_for
 from tests.fixtures.services import isolated_settings, running_worker
-from worker.client import ArbiterClient
-from worker.devservices import Services
-from worker.settings import Settings
-from worker.topology import declare_topology
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     ALL_ORCHESTRATION_STATES,
     TERMINAL_TYPES,
     BaseOrchestrationRule,
@@ -21,11 +21,11 @@ from rules.base import (
     StateTypeOrNone,
     TaskRunOrchestrationRule,
 )
-from rules.context import OrchestrationContext, TaskOrchestrationContext
-from rules.engine import Orchestrator
-from rules.policy import RuleClass
-from rules.store import AdminStore, Store
-from schemas.states import State, StateType
+from arbiter.rules.context import OrchestrationContext, TaskOrchestrationContext
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.policy import RuleClass
+from arbiter.rules.store import AdminStore, Store
+from arbiter.schemas.states import State, StateType
 
 # Sorted lists (``None`` sorts as "None") so parametrized ids are deterministic.
 ALL_STATES: list[StateTypeOrNone] = sorted(ALL_ORCHESTRATION_STATES, key=str)

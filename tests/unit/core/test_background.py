@@ -15,12 +15,12 @@ from itertools import product
 
 import pytest
 
-from rules.context import OutboxMessage, TaskOrchestrationContext
-from rules.core.background import CopyTaskParametersID, EnqueueScheduledTasks
-from rules.policy import RuleClass
-from rules.results import SetStateStatus
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.context import OutboxMessage, TaskOrchestrationContext
+from arbiter.rules.core.background import CopyTaskParametersID, EnqueueScheduledTasks
+from arbiter.rules.policy import RuleClass
+from arbiter.rules.results import SetStateStatus
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     TERMINAL_STATES,

@@ -12,12 +12,12 @@ import datetime as dt
 
 import pytest
 
-from rules.context import RuleSettings
-from rules.core.caching import CacheInsertion, CacheRetrieval
-from rules.engine import Orchestrator
-from rules.results import SetStateStatus, StateRejectDetails
-from rules.store import AdminStore
-from schemas.states import State, StateType, utcnow
+from arbiter.rules.context import RuleSettings
+from arbiter.rules.core.caching import CacheInsertion, CacheRetrieval
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.results import SetStateStatus, StateRejectDetails
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import State, StateType, utcnow
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     NOW,

@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     StateTypeOrNone,
 )
-from rules.core.cancelling import (
+from arbiter.rules.core.cancelling import (
     BypassCancellingFlowRunsWithNoInfra,
     EnforceCancellingToCancelledTransition,
 )
-from rules.results import (
+from arbiter.rules.results import (
     SetStateStatus,
     StateRejectDetails,
 )
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,

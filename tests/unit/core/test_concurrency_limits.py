@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import pytest
 
-from rules.context import TaskOrchestrationContext
-from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
-from rules.policy import RuleClass
-from rules.results import SetStateStatus
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from arbiter.rules.policy import RuleClass
+from arbiter.rules.results import SetStateStatus
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     AbortingRule,

@@ -14,15 +14,15 @@ from dataclasses import replace
 
 import pytest
 
-from rules.context import RuleSettings, TaskOrchestrationContext
-from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
-from rules.core.task_retries import RetryFailedTasks
-from rules.engine import Orchestrator, default_policies
-from rules.policies import ClientSideTaskOrchestrationPolicy, CoreTaskPolicy
-from rules.policy import BaseOrchestrationPolicy
-from rules.results import SetStateStatus, StateWaitDetails
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.context import RuleSettings, TaskOrchestrationContext
+from arbiter.rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from arbiter.rules.core.task_retries import RetryFailedTasks
+from arbiter.rules.engine import Orchestrator, default_policies
+from arbiter.rules.policies import ClientSideTaskOrchestrationPolicy, CoreTaskPolicy
+from arbiter.rules.policy import BaseOrchestrationPolicy
+from arbiter.rules.results import SetStateStatus, StateWaitDetails
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import create_task_run, initialize_orchestration, make_state
 from tests.unit.core.helpers import (
     AbortingRule,

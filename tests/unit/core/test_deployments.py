@@ -10,9 +10,9 @@ import uuid
 
 import pytest
 
-from rules.base import FlowRunOrchestrationRule
-from rules.context import FlowOrchestrationContext, RuleSettings
-from rules.core.deployments import (
+from arbiter.rules.base import FlowRunOrchestrationRule
+from arbiter.rules.context import FlowOrchestrationContext, RuleSettings
+from arbiter.rules.core.deployments import (
     EnforceDeploymentConcurrencyOnLate,
     PreserveDeploymentConcurrencyLeaseId,
     ReleaseFlowConcurrencySlots,
@@ -21,14 +21,14 @@ from rules.core.deployments import (
     ValidateDeploymentConcurrencyAtRunning,
     client_version_tuple,
 )
-from rules.core.pending import PreventPendingTransitions
-from rules.engine import Orchestrator
-from rules.policies import CoreFlowPolicy
-from rules.policy import RuleClass
-from rules.results import SetStateStatus
-from rules.store import AdminStore, Deployment, GlobalLimit, deployment_limit_name
-from schemas.runs import FlowRun
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.core.pending import PreventPendingTransitions
+from arbiter.rules.engine import Orchestrator
+from arbiter.rules.policies import CoreFlowPolicy
+from arbiter.rules.policy import RuleClass
+from arbiter.rules.results import SetStateStatus
+from arbiter.rules.store import AdminStore, Deployment, GlobalLimit, deployment_limit_name
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateDetails, StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import NOW, apply_rules, rejecting_rule
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import uuid
 
-from rules.core.duplicates import PreventDuplicateTransitions
-from rules.results import (
+from arbiter.rules.core.duplicates import PreventDuplicateTransitions
+from arbiter.rules.results import (
     SetStateStatus,
     StateRejectDetails,
 )
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     apply_rules,

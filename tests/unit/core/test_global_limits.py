@@ -14,14 +14,14 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from rules.context import TaskOrchestrationContext
-from rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
-from rules.core.deployments import SecureFlowConcurrencySlots
-from rules.core.leases import renew_run_slots
-from rules.policy import RuleClass
-from rules.results import SetStateStatus, StateAbortDetails, StateWaitDetails
-from rules.store import AdminStore, Deployment, GlobalLimit, Lease, deployment_limit_name
-from schemas.states import StateType
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.core.concurrency import ReleaseTaskConcurrencySlots, SecureTaskConcurrencySlots
+from arbiter.rules.core.deployments import SecureFlowConcurrencySlots
+from arbiter.rules.core.leases import renew_run_slots
+from arbiter.rules.policy import RuleClass
+from arbiter.rules.results import SetStateStatus, StateAbortDetails, StateWaitDetails
+from arbiter.rules.store import AdminStore, Deployment, GlobalLimit, Lease, deployment_limit_name
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import NOW, apply_rules, frozen_orchestrator, rejecting_rule, slots
 

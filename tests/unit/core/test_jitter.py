@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from rules.core.jitter import clamped_poisson_interval, lower_clamp_multiple
+from arbiter.rules.core.jitter import clamped_poisson_interval, lower_clamp_multiple
 
 
 class TestClampedPoissonInterval:

@@ -12,17 +12,17 @@ import uuid
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     StateTypeOrNone,
 )
-from rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
-from rules.results import (
+from arbiter.rules.core.pausing import HandlePausingFlows, HandleResumingPausedFlows
+from arbiter.rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
-from rules.store import AdminStore
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import State, StateDetails, StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,

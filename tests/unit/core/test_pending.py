@@ -12,11 +12,11 @@ from itertools import product
 
 import pytest
 
-from rules.base import StateTypeOrNone
-from rules.core.pending import PreventPendingTransitions
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus, StateAbortDetails
-from schemas.states import StateType
+from arbiter.rules.base import StateTypeOrNone
+from arbiter.rules.core.pending import PreventPendingTransitions
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus, StateAbortDetails
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 
 Transition = tuple[StateTypeOrNone, StateTypeOrNone]

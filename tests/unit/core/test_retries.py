@@ -13,18 +13,18 @@ import uuid
 
 import pytest
 
-from rules.core.retries import RetryFailedFlows
-from rules.core.terminal import (
+from arbiter.rules.core.retries import RetryFailedFlows
+from arbiter.rules.core.terminal import (
     HandleFlowTerminalStateTransitions,
 )
-from rules.results import (
+from arbiter.rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
-from rules.store import AdminStore
-from schemas.runs import FlowRunPolicy
-from schemas.states import StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.runs import FlowRunPolicy
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     NOW,

@@ -12,13 +12,13 @@ import datetime as dt
 
 import pytest
 
-from rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
-from rules.results import (
+from arbiter.rules.core.scheduling import CopyScheduledTime, WaitForScheduledTime
+from arbiter.rules.results import (
     SetStateStatus,
     StateWaitDetails,
 )
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import RunType, initialize_orchestration
 from tests.unit.core.helpers import (
     NOW,

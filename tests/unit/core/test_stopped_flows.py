@@ -12,10 +12,10 @@ import datetime as dt
 
 import pytest
 
-from rules.core.stopped_flows import PreventRunningTasksFromStoppedFlows
-from rules.results import SetStateStatus, StateRejectDetails
-from rules.store import AdminStore
-from schemas.states import StateType, utcnow
+from arbiter.rules.core.stopped_flows import PreventRunningTasksFromStoppedFlows
+from arbiter.rules.results import SetStateStatus, StateRejectDetails
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType, utcnow
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     apply_rules,

@@ -12,17 +12,21 @@ from itertools import product
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     StateTypeOrNone,
 )
-from rules.context import TaskOrchestrationContext
-from rules.core.jitter import lower_clamp_multiple
-from rules.core.task_retries import RenameReruns, RetryFailedTasks, UpdateFlowRunTrackerOnTasks
-from rules.core.task_terminal import HandleTaskTerminalStateTransitions
-from rules.errors import ObjectNotFoundError
-from rules.results import SetStateStatus, StateRejectDetails
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.core.jitter import lower_clamp_multiple
+from arbiter.rules.core.task_retries import (
+    RenameReruns,
+    RetryFailedTasks,
+    UpdateFlowRunTrackerOnTasks,
+)
+from arbiter.rules.core.task_terminal import HandleTaskTerminalStateTransitions
+from arbiter.rules.errors import ObjectNotFoundError
+from arbiter.rules.results import SetStateStatus, StateRejectDetails
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,
@@ -268,7 +272,7 @@ class TestTaskRetryingRule:
         ) -> float:
             return average_interval * (1 + clamping_factor)
 
-        monkeypatch.setattr("rules.core.task_retries.clamped_poisson_interval", randomizer)
+        monkeypatch.setattr("arbiter.rules.core.task_retries.clamped_poisson_interval", randomizer)
         ctx = await self._failing_context(store, run_count=2, retries=2, retry_delay=10, jitter=9)
 
         ctx = await apply_rules(ctx, [RetryFailedTasks])

@@ -12,14 +12,14 @@ from itertools import product
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     StateTypeOrNone,
 )
-from rules.core.task_terminal import HandleTaskTerminalStateTransitions
-from rules.errors import OrchestrationError
-from rules.results import SetStateStatus, StateRejectDetails
-from rules.store import AdminStore
-from schemas.states import StateType
+from arbiter.rules.core.task_terminal import HandleTaskTerminalStateTransitions
+from arbiter.rules.errors import OrchestrationError
+from arbiter.rules.results import SetStateStatus, StateRejectDetails
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,

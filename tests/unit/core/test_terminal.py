@@ -15,23 +15,23 @@ from itertools import product
 
 import pytest
 
-from rules.base import (
+from arbiter.rules.base import (
     FlowRunOrchestrationRule,
     StateTypeOrNone,
 )
-from rules.core.terminal import (
+from arbiter.rules.core.terminal import (
     HandleFlowTerminalStateTransitions,
     PreventResultDataLoss,
     has_persisted_result,
 )
-from rules.results import (
+from arbiter.rules.results import (
     SetStateStatus,
     StateAbortDetails,
     StateRejectDetails,
 )
-from rules.store import AdminStore
-from schemas.runs import FlowRunPolicy
-from schemas.states import StateType
+from arbiter.rules.store import AdminStore
+from arbiter.schemas.runs import FlowRunPolicy
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration
 from tests.unit.core.helpers import (
     ALL_STATES,

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 import yaml
 
+from arbiter.worker.settings import Settings
 from tests.unit.deploy.paths import DEPLOY, ROOT, SCHEMAS, hash_password_module
-from worker.settings import Settings
 
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 SCHEMA = json.loads((SCHEMAS / "compose-spec.json").read_text())

@@ -48,7 +48,15 @@ def test_the_build_stage_copies_every_package_and_dockerignore_lets_them_through
     """A package added to pyproject but not copied would be missing from the image."""
     tool = pyproject()["tool"]
     assert isinstance(tool, dict)
-    top_levels = {package.split(".")[0] for package in tool["setuptools"]["packages"]}
+    setuptools = tool["setuptools"]
+    mapped: dict[str, str] = setuptools["package-dir"]
+
+    def folder(package: str) -> str:
+        """The top-level folder a package's files come from (package-dir maps some)."""
+        prefixes = [p for p in mapped if package == p or package.startswith(p + ".")]
+        return mapped[max(prefixes, key=len)] if prefixes else package.split(".")[0]
+
+    top_levels = {folder(package).split("/")[0] for package in setuptools["packages"]}
     build = parse(DOCKERFILE)[0]
     copied = {copy.arguments.split()[0] for copy in build.all("COPY")}
     assert top_levels | {"pyproject.toml"} == copied

@@ -16,8 +16,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from arbiter.worker.settings import Settings
 from tests.unit.deploy.paths import K8S, SCHEMAS
-from worker.settings import Settings
 
 KUBERNETES_VERSION = "1.30"  # the oldest minor still supported by the major clouds
 KEDA_KINDS = {

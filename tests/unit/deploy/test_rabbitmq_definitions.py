@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import proposals_queue_arguments
 from tests.unit.deploy.paths import DEPLOY, hash_password_module
-from worker.settings import Settings
-from worker.topology import proposals_queue_arguments
 
 DEFINITIONS: dict[str, Any] = json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text())
 S = Settings()

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from itertools import product
 from typing import Any, TypeAlias
 
-from rules.base import ALL_ORCHESTRATION_STATES, BaseOrchestrationRule, StateTypeOrNone
-from rules.context import OrchestrationContext
-from schemas.states import State, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, BaseOrchestrationRule, StateTypeOrNone
+from arbiter.rules.context import OrchestrationContext
+from arbiter.schemas.states import State, StateType
 from tests.factories import RunType
 
 AnyContext: TypeAlias = OrchestrationContext[Any]

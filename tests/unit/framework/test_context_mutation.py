@@ -12,9 +12,9 @@ import contextlib
 
 import pytest
 
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus, StateWaitDetails
-from schemas.states import State, StateType
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus, StateWaitDetails
+from arbiter.schemas.states import State, StateType
 from tests.factories import RunType, initialize_orchestration
 from tests.unit.framework.helpers import RUN_TYPES, AnyContext, SpyRule
 

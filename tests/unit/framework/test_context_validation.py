@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from rules.errors import StoreError
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus, StateAbortDetails
-from schemas.runs import FlowRun, RunKind, TaskRun
-from schemas.states import State, StateType
+from arbiter.rules.errors import StoreError
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus, StateAbortDetails
+from arbiter.schemas.runs import FlowRun, RunKind, TaskRun
+from arbiter.schemas.states import State, StateType
 from tests.factories import RunType, initialize_orchestration
 from tests.unit.framework.helpers import (
     ALL_STATES,

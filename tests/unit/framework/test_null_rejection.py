@@ -12,10 +12,10 @@ import contextlib
 
 import pytest
 
-from rules.errors import OrchestrationError
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus
-from schemas.states import State, StateType
+from arbiter.rules.errors import OrchestrationError
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus
+from arbiter.schemas.states import State, StateType
 from tests.factories import RunType, initialize_orchestration
 from tests.unit.framework.helpers import (
     RUN_TYPES,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from rules.results import (
+from arbiter.rules.results import (
     OrchestrationResult,
     SetStateStatus,
     StateAbortDetails,

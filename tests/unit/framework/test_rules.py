@@ -13,11 +13,11 @@ import contextlib
 
 import pytest
 
-from rules.base import ALL_ORCHESTRATION_STATES, StateTypeOrNone
-from rules.context import TaskOrchestrationContext
-from rules.memory import InMemoryStore
-from rules.results import SetStateStatus
-from schemas.states import State, StateType
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, StateTypeOrNone
+from arbiter.rules.context import TaskOrchestrationContext
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.results import SetStateStatus
+from arbiter.schemas.states import State, StateType
 from tests.factories import initialize_orchestration, make_state
 from tests.unit.framework.helpers import (
     ALL_STATES,

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from rules.base import BaseUniversalTransform, StateTypeOrNone
-from rules.memory import InMemoryStore
-from schemas.states import StateType
+from arbiter.rules.base import BaseUniversalTransform, StateTypeOrNone
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.states import StateType
 from tests.factories import initialize_orchestration, make_state
 from tests.unit.framework.helpers import (
     ALL_STATES,

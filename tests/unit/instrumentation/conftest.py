@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rules.memory import InMemoryStore
-from schemas.runs import FlowRun
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.runs import FlowRun
 from tests.factories import create_flow_run
 
 

@@ -7,12 +7,12 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, cast
 
-from rules.context import FlowOrchestrationContext, OrchestrationContext
-from rules.instrumentation import InstrumentFlowRunStateTransitions
-from rules.memory import InMemoryStore
-from rules.policy import RuleClass
-from schemas.runs import FlowRun
-from schemas.states import State, StateType
+from arbiter.rules.context import FlowOrchestrationContext, OrchestrationContext
+from arbiter.rules.instrumentation import InstrumentFlowRunStateTransitions
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.policy import RuleClass
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateType
 
 Transition = tuple[StateType | None, StateType | None]
 RUNNING_TRANSITION: Transition = (StateType.PENDING, StateType.RUNNING)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 
-from rules.memory import InMemoryStore
-from schemas.runs import FlowRun
-from schemas.states import State, StateDetails, StateType, utcnow
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateDetails, StateType, utcnow
 from tests.unit.instrumentation.helpers import (
     RUNNING_TRANSITION,
     flow_context,

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from rules import instrumentation
-from rules.memory import InMemoryStore
+from arbiter.rules import instrumentation
+from arbiter.rules.memory import InMemoryStore
 from tests.factories import create_flow_run, create_task_run
 from tests.unit.instrumentation.helpers import (
     RUNNING_TRANSITION,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from rules import instrumentation
-from rules.instrumentation import state_payload
-from rules.memory import InMemoryStore
-from schemas.runs import FlowRun
-from schemas.states import State, StateDetails, StateType
+from arbiter.rules import instrumentation
+from arbiter.rules.instrumentation import state_payload
+from arbiter.rules.memory import InMemoryStore
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateDetails, StateType
 from tests.unit.instrumentation.helpers import flow_context, instrument, only_event
 
 

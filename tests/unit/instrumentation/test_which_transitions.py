@@ -7,16 +7,16 @@ import dataclasses
 import datetime as dt
 from collections.abc import Sequence
 
-from rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule
-from rules.context import FlowOrchestrationContext, TaskOrchestrationContext
-from rules.engine import Orchestrator, default_policies
-from rules.instrumentation import InstrumentFlowRunStateTransitions
-from rules.memory import InMemoryStore
-from rules.policies import MinimalFlowPolicy
-from rules.policy import BaseOrchestrationPolicy, RuleClass
-from rules.results import SetStateStatus
-from schemas.runs import FlowRun
-from schemas.states import State, StateType, utcnow
+from arbiter.rules.base import ALL_ORCHESTRATION_STATES, FlowRunOrchestrationRule
+from arbiter.rules.context import FlowOrchestrationContext, TaskOrchestrationContext
+from arbiter.rules.engine import Orchestrator, default_policies
+from arbiter.rules.instrumentation import InstrumentFlowRunStateTransitions
+from arbiter.rules.memory import InMemoryStore
+from arbiter.rules.policies import MinimalFlowPolicy
+from arbiter.rules.policy import BaseOrchestrationPolicy, RuleClass
+from arbiter.rules.results import SetStateStatus
+from arbiter.schemas.runs import FlowRun
+from arbiter.schemas.states import State, StateType, utcnow
 from tests.factories import create_flow_run, create_task_run
 from tests.unit.instrumentation.helpers import (
     RUNNING_TRANSITION,

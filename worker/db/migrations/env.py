@@ -15,8 +15,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from worker.db.engine import asyncpg_url
-from worker.db.tables import metadata
+from arbiter.worker.db.engine import asyncpg_url
+from arbiter.worker.db.tables import metadata
 
 config = context.config
 target_metadata = metadata

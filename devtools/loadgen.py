@@ -11,8 +11,8 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-from schemas import FlowRunSpec, Outcome, ProposedState, RunKind, TaskRunSpec
-from worker.client import ArbiterClient
+from arbiter.schemas import FlowRunSpec, Outcome, ProposedState, RunKind, TaskRunSpec
+from arbiter.worker.client import ArbiterClient
 
 
 def percentile(samples: list[float], fraction: float) -> float:

@@ -7,12 +7,12 @@ Each server comes from the first source that works:
 3. private local processes started by ``deploy/start-rabbitmq.sh`` and
    ``deploy/start-postgres.sh`` (no Docker or systemd needed; as root they even apt-get install
    the servers). ``ARBITER_DEVSERVICES=docker|local`` forces one of the last two; the Docker
-   path lives in ``worker.devcontainers``.
+   path lives in ``devtools.devcontainers``.
 
     with provide_services() as services:
         ...  # services.amqp_url, services.database_url
 
-For working by hand, ``eval "$(python -m worker.devservices up)"`` starts both locally, leaves
+For working by hand, ``eval "$(python -m devtools.devservices up)"`` starts both locally, leaves
 them running and exports ``ARBITER_AMQP_URL``, ``ARBITER_DATABASE_URL`` and
 ``ARBITER_DEVSERVICES_STOP`` (``eval "$ARBITER_DEVSERVICES_STOP"`` stops them again).
 """
@@ -82,7 +82,7 @@ def provide_services(
             started = time.monotonic()
             backend = _backend()
             if backend == "docker":
-                from worker.devcontainers import start_containers as start
+                from devtools.devcontainers import start_containers as start
             else:
                 start = _start_local
             urls = start(
@@ -98,8 +98,8 @@ def provide_services(
 
 
 def docker_available(timeout: float = 5.0) -> bool:
-    """Tell whether a Docker engine answers (``worker.devcontainers`` holds the Docker path)."""
-    from worker.devcontainers import docker_available as answers
+    """Tell whether a Docker engine answers (``devtools.devcontainers`` holds the Docker path)."""
+    from devtools.devcontainers import docker_available as answers
 
     return answers(timeout)
 
@@ -317,7 +317,7 @@ def _quietly(stop: Callable[[], object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``up [--durable]``: start both servers locally and leave them running."""
     parser = argparse.ArgumentParser(
-        prog="python -m worker.devservices",
+        prog="python -m devtools.devservices",
         description='Start private RabbitMQ + PostgreSQL. Use: eval "$(%(prog)s up)"',
     )
     commands = parser.add_subparsers(dest="command", required=True)

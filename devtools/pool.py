@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from worker.settings import Settings
+from arbiter.worker.settings import Settings
 
 # How long ``stop`` lets a worker that is still starting reach its consumer.
 STARTING_GRACE_S = 10.0
@@ -43,7 +43,7 @@ class WorkerPool:
 
     def start(self) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "worker.cli", "worker"]
+        command = [sys.executable, "-m", "arbiter", "worker"]
         if self.concurrency is not None:
             command += ["--concurrency", str(self.concurrency)]
         env = settings_env(self.settings)

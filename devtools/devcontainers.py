@@ -1,4 +1,4 @@
-"""Throw-away RabbitMQ and PostgreSQL containers (testcontainers), for ``worker.devservices``
+"""Throw-away RabbitMQ and PostgreSQL containers (testcontainers), for ``devtools.devservices``
 when a Docker engine answers."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from worker.devservices import _CREDENTIAL, _RMQ_WAIT_S, DevServicesError, _quietly
+from devtools.devservices import _CREDENTIAL, _RMQ_WAIT_S, DevServicesError, _quietly
 
 __all__ = ["POSTGRES_IMAGE", "RABBITMQ_IMAGE", "docker_available", "start_containers"]
 

@@ -1,0 +1,5 @@
+"""``python -m arbiter``: the ``arbiter`` command."""
+
+from arbiter.worker.cli import main
+
+raise SystemExit(main())
