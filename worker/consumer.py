@@ -46,11 +46,10 @@ from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import Topology, declare_topology
 from arbiter.worker.tracing import ProposalTrace, Tracing, current, trace_context
-from arbiter.worker.unit_of_work import Processed, purge_cutoff
+from arbiter.worker.unit_of_work import Processed
 
 log = logging.getLogger(__name__)
 
-PURGE_INTERVAL_S = 600.0
 STARTUP_RETRY_S = 60.0  # a broker connection lost while starting: how long to keep trying
 OUTAGE_PROBE_TIMEOUT_S = 2.0
 OUTAGE_FIRST_PROBE_S = 0.5
@@ -399,16 +398,3 @@ class Consumer:
                     return
         finally:
             self.metrics.held.dec(held)
-
-    async def purge_forever(self) -> None:
-        """Forget processed proposal ids past the retention window, every few minutes."""
-        while True:
-            try:
-                async with self.engine.begin() as conn:
-                    cutoff = purge_cutoff(self.orchestrator.clock(), self.settings.retention_days)
-                    removed = await PgStore(conn).purge_processed(cutoff)
-                if removed:
-                    log.info("purged %d processed proposal ids older than %s", removed, cutoff)
-            except Exception:
-                log.exception("purging processed proposals failed; will try again")
-            await asyncio.sleep(PURGE_INTERVAL_S)

@@ -11,6 +11,7 @@ import signal
 from arbiter.worker.consumer import Consumer
 from arbiter.worker.health import Health, readiness_problems
 from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.purge import purge_forever
 from arbiter.worker.reevaluation import Reevaluator
 from arbiter.worker.settings import Settings
 from arbiter.worker.sweepers import Sweeper
@@ -77,7 +78,10 @@ async def _consume_until_stopped(
             )
             purger = asyncio.create_task(sweeper.run_forever())  # the purge included
         else:
-            purger = asyncio.create_task(consumer.purge_forever())
+            clock = runtime.orchestrator.clock
+            purger = asyncio.create_task(
+                purge_forever(runtime.engine, clock, settings.retention_days)
+            )
         await stop.wait()
         health.stopping()
         log.info("stopping: draining %d in-flight proposals", consumer.unsettled)

@@ -44,15 +44,15 @@ from arbiter.worker.batch import RuleFailed, process_batch
 from arbiter.worker.db import global_limits
 from arbiter.worker.db import sweeps as sql
 from arbiter.worker.db.rows import tag_limit_from
-from arbiter.worker.db.store import PgStore
 from arbiter.worker.db.transaction import store_transaction
 from arbiter.worker.decode import Decoded, body_digest
 from arbiter.worker.metrics import WorkerMetrics
 from arbiter.worker.publisher import Publisher
+from arbiter.worker.purge import PURGE_INTERVAL_S, purge_processed
 from arbiter.worker.reevaluation import publish_outcome
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
-from arbiter.worker.unit_of_work import Processed, purge_cutoff
+from arbiter.worker.unit_of_work import Processed
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,6 @@ __all__ = ["SWEEP_NAMESPACE", "Sweeper", "sweep_proposal_id"]
 
 # Fixed forever: the ids of the sweeps' proposals are derived from it.
 SWEEP_NAMESPACE = uuid.UUID("6c0e7f4a-2b1d-5e8f-9a3c-4d5e6f708192")
-PURGE_INTERVAL_S = 600.0
 PAUSE_EXPIRED = "The flow was paused and never resumed."
 PARENT_CANCELLED = "The parent flow run was cancelled."
 
@@ -242,17 +241,8 @@ class Sweeper:
     async def purge(self) -> int:
         """Forget processed proposal ids past the retention window (any worker may; two at
         once delete each row once)."""
-        try:
-            async with self.engine.begin() as conn:
-                clock = self._orchestrators[False].clock
-                cutoff = purge_cutoff(clock(), self.settings.retention_days)
-                removed = await PgStore(conn).purge_processed(cutoff)
-        except Exception:
-            log.exception("purging processed proposals failed; will try again")
-            return 0
-        if removed:
-            log.info("purged %d processed proposal ids older than %s", removed, cutoff)
-        return removed
+        clock = self._orchestrators[False].clock
+        return await purge_processed(self.engine, clock, self.settings.retention_days)
 
     async def _sweep(self, sweep: _Sweep) -> int:
         """Claim and decide batches until none is left (or every match was seen this pass)."""
