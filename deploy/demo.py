@@ -24,6 +24,9 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a file: devtools/ sits beside deploy/, not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from arbiter.schemas import (
