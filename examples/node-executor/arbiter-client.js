@@ -4,7 +4,7 @@
 // Written from the contract alone (the project README and schemas/jsonschema/): every
 // proposal sent and every outcome received is checked against the JSON Schemas.
 
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -45,7 +45,14 @@ export class ArbiterClient {
   #connected = false;
   #pending = new Map(); // proposal id → { content, properties, settle }
 
-  stats = { published: 0, republished: 0, reconnects: 0, lateOutcomes: 0, statuses: {} };
+  stats = {
+    published: 0,
+    republished: 0,
+    reconnects: 0,
+    lateOutcomes: 0,
+    statuses: {},
+    tracedOutcomes: 0, // outcomes that came back with their proposal's trace id
+  };
 
   constructor({ topology, schemas, timeoutMs }) {
     this.topology = topology;
@@ -116,24 +123,29 @@ export class ArbiterClient {
    * stored under its proposal id, so after sleeping `delay_seconds` we propose again
    * under a new id (the same id would be answered with the same WAIT).
    */
-  async propose(runKind, runId, state, { run } = {}) {
+  async propose(runKind, runId, state, { run, traceId } = {}) {
     for (;;) {
-      const outcome = await this.#request({
+      const proposal = {
         schema_version: 1,
         proposal_id: randomUUID(),
         run_kind: runKind,
         run_id: runId,
         state,
         ...(run && { run }),
-      });
+      };
+      const outcome = await this.#request(proposal, traceId);
       if (outcome.status !== 'WAIT') return outcome;
       await sleep((outcome.details?.delay_seconds ?? 0) * 1000);
       run = undefined; // the first proposal created the run
     }
   }
 
-  /** Publish one proposal and await the outcome whose correlation id is its id. */
-  #request(proposal) {
+  /**
+   * Publish one proposal and await the outcome whose correlation id is its id. With a
+   * `traceId` (32 hex digits) the proposal carries a W3C `traceparent` header, a new span
+   * id each time; the worker puts it on the outcome, where it is checked.
+   */
+  #request(proposal, traceId) {
     this.schemas.checkProposal(proposal, `proposal ${proposal.proposal_id}`);
     const id = proposal.proposal_id;
     return new Promise((resolve, reject) => {
@@ -150,7 +162,11 @@ export class ArbiterClient {
           correlationId: id, // echoed by the outcome
           replyTo: this.#replyKey,
           mandatory: true,
+          ...(traceId && {
+            headers: { traceparent: `00-${traceId}-${randomBytes(8).toString('hex')}-01` },
+          }),
         },
+        traceId,
         settle: (error, outcome) => {
           clearTimeout(timer);
           if (error) reject(error);
@@ -194,6 +210,14 @@ export class ArbiterClient {
       this.schemas.checkOutcome(outcome, `outcome of proposal ${id}`);
       if (outcome.proposal_id !== id) {
         throw new SchemaError(`outcome of proposal ${outcome.proposal_id} has correlation id ${id}`);
+      }
+      const expected = this.#pending.get(id).traceId;
+      if (expected) {
+        const carried = String(message.properties.headers?.traceparent ?? '').split('-')[1];
+        if (carried !== expected) {
+          throw new SchemaError(`outcome of proposal ${id} lost its trace (${carried ?? 'none'})`);
+        }
+        this.stats.tracedOutcomes += 1;
       }
     } catch (error) {
       this.#settle(id, error);

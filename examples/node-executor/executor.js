@@ -8,7 +8,7 @@
 // Configuration is by environment variables (see README.md). Exits 0 when every run
 // completed, 1 when any did not, 2 when it could not start.
 
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import { dirname, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
@@ -55,10 +55,10 @@ class Executor {
   }
 
   /** Propose `type`; anything but an ACCEPT into that state is a failure. */
-  async step(runKind, runId, type, run) {
+  async step(runKind, runId, type, traceId, run) {
     let outcome;
     try {
-      outcome = await this.client.propose(runKind, runId, { type }, { run });
+      outcome = await this.client.propose(runKind, runId, { type }, { run, traceId });
     } catch (error) {
       throw new Error(`${runKind} ${runId} → ${type}: ${error.message}`);
     }
@@ -71,18 +71,19 @@ class Executor {
 
   async flow(index) {
     const flowRunId = randomUUID();
+    const traceId = randomBytes(16).toString('hex'); // one W3C trace per flow run
     const spec = { name: `node-flow-${index}`, flow_name: 'node-executor' };
-    await this.step('flow_run', flowRunId, 'PENDING', spec);
-    await this.step('flow_run', flowRunId, 'RUNNING');
+    await this.step('flow_run', flowRunId, 'PENDING', traceId, spec);
+    await this.step('flow_run', flowRunId, 'RUNNING', traceId);
     const tasks = Array.from({ length: this.config.tasksPerFlow }, (_, t) =>
-      this.task(flowRunId, t),
+      this.task(flowRunId, t, traceId),
     );
     const failed = (await Promise.allSettled(tasks)).find((task) => task.status === 'rejected');
-    await this.step('flow_run', flowRunId, failed ? 'FAILED' : 'COMPLETED');
+    await this.step('flow_run', flowRunId, failed ? 'FAILED' : 'COMPLETED', traceId);
     if (failed) throw failed.reason;
   }
 
-  async task(flowRunId, index) {
+  async task(flowRunId, index, traceId) {
     const taskRunId = randomUUID();
     const spec = {
       name: `node-task-${index}`,
@@ -90,10 +91,11 @@ class Executor {
       flow_run_id: flowRunId,
       tags: this.config.taskTags,
     };
-    await this.step('task_run', taskRunId, 'PENDING', spec);
-    await this.step('task_run', taskRunId, 'RUNNING'); // WAITs (a full tag limit) are followed
+    await this.step('task_run', taskRunId, 'PENDING', traceId, spec);
+    // WAITs (a full tag limit) are followed
+    await this.step('task_run', taskRunId, 'RUNNING', traceId);
     await sleep(this.config.workMs); // the task's "work"
-    await this.step('task_run', taskRunId, 'COMPLETED');
+    await this.step('task_run', taskRunId, 'COMPLETED', traceId);
   }
 
   async run() {
@@ -111,6 +113,7 @@ function summarize(executor, client, elapsedS) {
     task_runs: states('task_run'),
     proposals: client.stats.published,
     outcomes: client.stats.statuses,
+    traced_outcomes: client.stats.tracedOutcomes,
     reconnects: client.stats.reconnects,
     republished: client.stats.republished,
     late_outcomes_dropped: client.stats.lateOutcomes,
@@ -132,6 +135,7 @@ function printText(summary) {
   console.log(`flow runs    ${runs(summary.flow_runs)}`);
   console.log(`task runs    ${runs(summary.task_runs)}`);
   console.log(`proposals    ${summary.proposals} (outcomes: ${listed(summary.outcomes)})`);
+  console.log(`traces       ${summary.traced_outcomes} outcomes carried their trace id`);
   console.log(
     `reconnects   ${summary.reconnects} (${summary.republished} proposals republished,` +
       ` ${summary.late_outcomes_dropped} late outcomes dropped)`,

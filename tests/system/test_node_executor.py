@@ -157,8 +157,8 @@ async def until_queued(settings: Settings, expected: int, timeout_s: float = 15)
 async def test_it_drives_flow_runs_and_their_task_runs_to_completed(
     node: str, settings: Settings, tmp_path: Path
 ) -> None:
-    """3 flow runs of 3 task runs each: 36 proposals, each answered ACCEPT; in the database
-    every run went PENDING → RUNNING → COMPLETED, once."""
+    """3 flow runs of 3 task runs each: 36 proposals, each answered ACCEPT with its trace;
+    in the database every run went PENDING → RUNNING → COMPLETED, once."""
     began = time.monotonic()
     with WorkerPool(settings, tmp_path) as pool:
         pool.start()
@@ -171,6 +171,7 @@ async def test_it_drives_flow_runs_and_their_task_runs_to_completed(
     assert summary["failures"] == []
     assert (len(summary["flow_runs"]), len(summary["task_runs"])) == (3, 9)
     assert summary["outcomes"] == {"ACCEPT": 36}
+    assert summary["traced_outcomes"] == 36  # each came back with its proposal's traceparent
     await assert_all_completed(settings, summary)
     print(f"12 runs completed in {time.monotonic() - began:.1f} s, checked with arbiter runs show")
 
@@ -203,6 +204,7 @@ async def test_task_runs_held_back_by_a_tag_limit_wait_then_complete(
     assert summary["outcomes"]["ACCEPT"] == 2 * 3 + 4 * 3
     assert summary["outcomes"].get("WAIT", 0) >= 1
     assert summary["proposals"] == summary["outcomes"]["ACCEPT"] + summary["outcomes"]["WAIT"]
+    assert summary["traced_outcomes"] == summary["proposals"]
     await assert_all_completed(settings, summary)
     assert [limit["active_slots"] for limit in limits if limit["tag"] == tag] == [[]]
 
