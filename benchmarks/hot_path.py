@@ -22,7 +22,11 @@ import json
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a file: make devtools/ importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arbiter.schemas import StateType
 from arbiter.worker.batch import process_batch
