@@ -11,6 +11,7 @@ from collections.abc import Callable
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from arbiter.worker.db.store import PgStore
+from arbiter.worker.passes import Passes
 from arbiter.worker.unit_of_work import purge_cutoff
 
 __all__ = ["PURGE_INTERVAL_S", "purge_forever", "purge_processed"]
@@ -37,9 +38,13 @@ async def purge_processed(
 
 
 async def purge_forever(
-    engine: AsyncEngine, clock: Callable[[], dt.datetime], retention_days: float
+    engine: AsyncEngine,
+    clock: Callable[[], dt.datetime],
+    retention_days: float,
+    passes: Passes,
 ) -> None:
     """A purge every ten minutes (for a worker that runs no sweeper, which purges too)."""
-    while True:
-        await purge_processed(engine, clock, retention_days)
+    while not passes.stopping:
+        async with passes.one():
+            await purge_processed(engine, clock, retention_days)
         await asyncio.sleep(PURGE_INTERVAL_S)

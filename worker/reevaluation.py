@@ -40,6 +40,7 @@ from arbiter.worker.db.transaction import store_transaction
 from arbiter.worker.decode import Decoded, body_digest
 from arbiter.worker.metrics import WorkerMetrics
 from arbiter.worker.parking import reevaluation_id
+from arbiter.worker.passes import Passes
 from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
@@ -147,6 +148,7 @@ class Reevaluator:
         self.orchestrator = orchestrator
         self.connection = connection
         self.metrics = metrics or WorkerMetrics()
+        self.passes = Passes()  # stopped between passes (worker/passes.py)
         self._publisher: Publisher | None = None
         self._wake = asyncio.Event()
         self._nudged: dt.datetime | None = None  # the earliest due time parked here since
@@ -166,13 +168,14 @@ class Reevaluator:
         ``ARBITER_PARKED_POLL_S``, so proposals parked meanwhile are found)."""
         unwatch = parking.watch_parking(self._parked_here)
         try:
-            while True:
+            while not self.passes.stopping:
                 pause = self.settings.parked_poll_s
                 try:
-                    if self._publisher is None:
-                        await self.start()
-                    await self.pass_once()
-                    pause = await self._until_next_due()
+                    async with self.passes.one():
+                        if self._publisher is None:
+                            await self.start()
+                        await self.pass_once()
+                        pause = await self._until_next_due()
                 except Exception:
                     log.exception("re-evaluating parked proposals failed; will try again")
                 await self._sleep(pause)

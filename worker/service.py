@@ -11,6 +11,7 @@ import signal
 from arbiter.worker.consumer import Consumer
 from arbiter.worker.health import Health, readiness_problems
 from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.passes import Passes
 from arbiter.worker.purge import purge_forever
 from arbiter.worker.reevaluation import Reevaluator
 from arbiter.worker.settings import Settings
@@ -18,6 +19,9 @@ from arbiter.worker.sweepers import Sweeper
 from arbiter.worker.topology import TopologyMissing
 
 log = logging.getLogger("arbiter.worker.consumer")
+
+# How long stopping waits for a background pass in progress (sweep, re-evaluation, purge).
+BACKGROUND_STOP_S = 10.0
 
 __all__ = ["run_worker"]
 
@@ -76,11 +80,12 @@ async def _consume_until_stopped(
             sweeper = Sweeper(
                 settings, runtime.engine, runtime.orchestrator, runtime.connection, metrics
             )
+            purges = sweeper.passes
             purger = asyncio.create_task(sweeper.run_forever())  # the purge included
         else:
-            clock = runtime.orchestrator.clock
+            clock, purges = runtime.orchestrator.clock, Passes()
             purger = asyncio.create_task(
-                purge_forever(runtime.engine, clock, settings.retention_days)
+                purge_forever(runtime.engine, clock, settings.retention_days, purges)
             )
         await stop.wait()
         health.stopping()
@@ -96,10 +101,9 @@ async def _consume_until_stopped(
                 settings.shutdown_timeout_s,
                 consumer.unsettled,
             )
-        for task in (purger, parked):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Between passes: a pass cut off mid-transaction would leave its connection behind.
+        for passes, task in ((purges, purger), (reevaluator.passes, parked)):
+            await passes.stop(task, BACKGROUND_STOP_S)
         invalid = metrics.total("arbiter_invalid_proposals")
         log.info(
             "stopped after %d proposals (%d replays, %d invalid, %d requeued)",

@@ -47,6 +47,7 @@ from arbiter.worker.db.rows import tag_limit_from
 from arbiter.worker.db.transaction import store_transaction
 from arbiter.worker.decode import Decoded, body_digest
 from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.passes import Passes
 from arbiter.worker.publisher import Publisher
 from arbiter.worker.purge import PURGE_INTERVAL_S, purge_processed
 from arbiter.worker.reevaluation import publish_outcome
@@ -148,6 +149,7 @@ class Sweeper:
         self.engine = engine
         self.connection = connection
         self.metrics = metrics or WorkerMetrics()
+        self.passes = Passes()  # stopped between passes (worker/passes.py)
         self._orchestrators = {
             False: orchestrator,
             True: replace(
@@ -224,18 +226,20 @@ class Sweeper:
         pass is logged and the next one tries again."""
         loop = asyncio.get_running_loop()
         next_purge = loop.time()
-        while True:
-            try:
-                if self._publisher is None:
-                    await self.start()
-                swept = await self.sweep_once()
-                if any(swept.values()):
-                    log.info("swept %s", ", ".join(f"{n}: {c}" for n, c in swept.items() if c))
-            except Exception:
-                log.exception("a sweep failed; the next pass will try again")
-            if loop.time() >= next_purge:
-                await self.purge()
-                next_purge = loop.time() + PURGE_INTERVAL_S
+        while not self.passes.stopping:
+            async with self.passes.one():
+                try:
+                    if self._publisher is None:
+                        await self.start()
+                    swept = await self.sweep_once()
+                    if any(swept.values()):
+                        counts = ", ".join(f"{n}: {c}" for n, c in swept.items() if c)
+                        log.info("swept %s", counts)
+                except Exception:
+                    log.exception("a sweep failed; the next pass will try again")
+                if loop.time() >= next_purge:
+                    await self.purge()
+                    next_purge = loop.time() + PURGE_INTERVAL_S
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def purge(self) -> int:
