@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from arbiter.schemas.copying import FastDeepCopy
 from arbiter.schemas.states import State, StateType, UtcDatetime
 
 RunKind = Literal["flow_run", "task_run"]
 
 
-class FlowRunPolicy(BaseModel):
+class FlowRunPolicy(FastDeepCopy):
     """Prefect's FlowRunPolicy: retry settings plus pause/resume bookkeeping."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -30,7 +31,7 @@ class FlowRunPolicy(BaseModel):
     retry_type: Literal["in_process", "reschedule"] | None = None
 
 
-class TaskRunPolicy(BaseModel):
+class TaskRunPolicy(FastDeepCopy):
     """Prefect's TaskRunPolicy: retries, per-attempt delays and jitter."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -49,7 +50,7 @@ class TaskRunPolicy(BaseModel):
         return value
 
 
-class DeploymentSpec(BaseModel):
+class DeploymentSpec(FastDeepCopy):
     """A deployment as a flow run's description names it: the store creates or updates it
     (its concurrency settings included) with the run. Prefect's deployment concurrency:
     at most ``concurrency_limit`` of its runs between PENDING and the end of RUNNING;
@@ -120,7 +121,7 @@ class RunSummary(BaseModel):
     expected_start_time: dt.datetime | None = None
 
 
-class _RunBase(BaseModel):
+class _RunBase(FastDeepCopy):
     """Columns common to flow and task runs (Prefect's ``Run``)."""
 
     model_config = ConfigDict(validate_assignment=False)

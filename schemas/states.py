@@ -14,7 +14,6 @@ from enum import StrEnum
 from typing import Annotated
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     JsonValue,
@@ -24,6 +23,8 @@ from pydantic import (
     WrapValidator,
 )
 from pydantic_core import SchemaValidator, core_schema
+
+from arbiter.schemas.copying import FastDeepCopy
 
 
 class StateType(StrEnum):
@@ -97,7 +98,7 @@ UtcDatetime = Annotated[
 ]
 
 
-class StateDetails(BaseModel):
+class StateDetails(FastDeepCopy):
     """Prefect's StateDetails; unknown keys are refused so typos surface."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -122,7 +123,7 @@ class StateDetails(BaseModel):
     deployment_concurrency_lease_id: uuid.UUID | None = None
 
 
-class State(BaseModel):
+class State(FastDeepCopy):
     """A state as the engine handles it: always with an id, a name and a timestamp."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
