@@ -359,7 +359,7 @@ class Consumer:
         while True:
             store: PgStore | None = None
             try:
-                async with store_transaction(self.engine) as store:
+                async with store_transaction(self.engine, generic_plans=True) as store:
                     results = await process_batch(store, self.orchestrator, batch, aborts)
                 self.metrics.batch_size.observe(len(batch))
                 return results
