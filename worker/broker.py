@@ -2,17 +2,92 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from typing import Any
 
 import aio_pika
+from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
+from yarl import URL
 
-__all__ = ["ClosingRobustConnection"]
+__all__ = ["ClosingRobustConnection", "CoalescingTransportFactory", "WriteCoalescer"]
+
+
+class WriteCoalescer:
+    """Joins the writes made to a transport within one event-loop iteration into one send.
+
+    aiormq writes every frame (a publish, an ack) with its own ``transport.write``, and on
+    an idle socket each write is a ``send`` system call: a batch's 64 outcomes cost 64 of
+    them, a fifth of the worker's CPU in the drain profile. Buffered until the loop's next
+    turn (``call_soon``), the frames that a batch's publishes and acks queue together leave
+    in one call, in their order; what comes alone waits one loop turn, microseconds.
+    ``close`` flushes first, so a Connection.Close frame written just before is sent."""
+
+    def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._write = transport.write
+        self._close = transport.close
+        self._pending: list[bytes] = []
+        self.sends = 0  # calls that reached the transport, for tests and measurement
+        self.writes = 0
+
+    def install(self) -> None:
+        """Route the transport's own ``write`` and ``close`` through this coalescer; the
+        stream writer over it calls them by attribute, so it needs no change."""
+        transport: Any = self._transport
+        transport.write = self.write
+        transport.close = self.close
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending.clear()
+        if self._transport.is_closing():
+            return  # the connection is gone: these frames die with it, as unsent ones do
+        self.sends += 1
+        self._write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._close()
+
+
+class CoalescingTransportFactory(TransportFactory):
+    """Opens the socket as aiormq would (TCP, or TLS for ``amqps``), then coalesces its
+    writes. The last coalescer is kept for tests and measurement."""
+
+    def __init__(self, url: URL) -> None:
+        self._inner = TLSTransportFactory() if url.scheme == "amqps" else TCPTransportFactory()
+        self.coalescer: WriteCoalescer | None = None
+
+    async def create(
+        self, url: URL, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await self._inner.create(url, **kwargs)
+        self.coalescer = WriteCoalescer(writer.transport, asyncio.get_running_loop())
+        self.coalescer.install()
+        return reader, writer
 
 
 class ClosingRobustConnection(aio_pika.RobustConnection):
-    """A robust connection that closes itself when its first connect fails. aio-pika leaves
-    such a connection open, to be closed from ``__del__`` as a task on whatever loop runs
-    when it is collected: a task that never runs if that loop has stopped."""
+    """A robust connection that coalesces its writes (``WriteCoalescer``) and closes itself
+    when its first connect fails. aio-pika leaves such a connection open, to be closed from
+    ``__del__`` as a task on whatever loop runs when it is collected: a task that never runs
+    if that loop has stopped."""
+
+    def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
+        super().__init__(url, *args, **kwargs)
+        # aio-pika passes on only the parameters it knows; aiormq takes this one.
+        self.transport_factory = CoalescingTransportFactory(self.url)
+        self.kwargs["transport_factory"] = self.transport_factory
 
     async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the override)
         try:

@@ -116,8 +116,12 @@ class Consumer:
                 channel = await self.connection.channel(publisher_confirms=True)
                 await channel.set_qos(prefetch_count=self.settings.prefetch)
                 topology = await declare_topology(channel, self.settings)
+                publishing = [
+                    await self.connection.channel(publisher_confirms=True)
+                    for _ in range(self.settings.publish_channels)
+                ]
         self._topology = topology
-        publisher = Publisher(self.settings, topology)
+        publisher = Publisher(self.settings, topology, publishing)
         self._answers = Answers(
             self.settings,
             self.engine,

@@ -26,8 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import aio_pika
-from aio_pika.abc import AbstractRobustConnection, DeliveryMode
+from aio_pika.abc import AbstractRobustConnection
+from aiormq import spec
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from arbiter.rules.engine import Orchestrator
@@ -41,7 +41,7 @@ from arbiter.worker.decode import Decoded, body_digest
 from arbiter.worker.metrics import WorkerMetrics
 from arbiter.worker.parking import reevaluation_id
 from arbiter.worker.passes import Passes
-from arbiter.worker.publisher import Publisher
+from arbiter.worker.publisher import PERSISTENT, Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
 from arbiter.worker.tracing import ProposalTrace, TraceContext, answering, trace_headers
@@ -63,16 +63,19 @@ async def publish_outcome(
 ) -> None:
     """An outcome with no delivery to answer: to ``reply_to``, else ``outcome.<kind>.<status>``
     (with the trace headers of the proposal being answered, if any)."""
-    message = aio_pika.Message(
-        body=outcome.model_dump_json().encode(),
+    properties = spec.Basic.Properties(
         content_type="application/json",
-        delivery_mode=DeliveryMode.PERSISTENT,
+        delivery_mode=PERSISTENT,
         message_id=str(outcome.proposal_id),
         correlation_id=correlation_id,
         headers={headers.STATUS: outcome.status.value, **trace_headers()},
     )
-    exchange = publisher.topology.outcomes_exchange
-    await exchange.publish(message, routing_key=reply_to or outcome.routing_key())
+    await publisher.send(
+        publisher.topology.outcomes_exchange,
+        outcome.model_dump_json().encode(),
+        properties,
+        reply_to or outcome.routing_key(),
+    )
 
 
 def parked_trace(row: Any) -> TraceContext | None:

@@ -20,8 +20,10 @@ class TopologyMissing(Exception):
 
 @dataclass(frozen=True)
 class Topology:
-    """The declared exchanges and queues a worker or client publishes to and consumes from."""
+    """The declared exchanges and queues a worker or client publishes to and consumes from,
+    and the channel they were declared on (publishes go through it)."""
 
+    channel: AbstractChannel
     proposals_exchange: AbstractExchange
     proposals_queue: AbstractQueue
     outcomes_exchange: AbstractExchange
@@ -70,6 +72,7 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
     )
     await proposals_queue.bind(proposals_exchange, routing_key=settings.proposals_routing_key)
     return Topology(
+        channel=channel,
         proposals_exchange=proposals_exchange,
         proposals_queue=proposals_queue,
         outcomes_exchange=outcomes_exchange,
@@ -102,6 +105,7 @@ async def _look_up_topology(channel: AbstractChannel, settings: Settings) -> Top
         ) from None
     proposals, outcomes, dead, events, task_runs = exchanges
     return Topology(
+        channel=channel,
         proposals_exchange=proposals,
         proposals_queue=proposals_queue,
         outcomes_exchange=outcomes,

@@ -1,0 +1,96 @@
+"""A worker publishes its answers on several confirming channels in turn, and the frames
+of one loop turn leave the socket together (``worker/broker.py``, ``Publisher.send``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import aio_pika
+import pytest
+from aiormq import spec
+
+from arbiter.worker.broker import ClosingRobustConnection
+from arbiter.worker.publisher import PERSISTENT, Publisher
+from arbiter.worker.settings import Settings
+from arbiter.worker.topology import declare_topology
+
+pytestmark = pytest.mark.integration
+
+
+async def test_answers_spread_over_channels_arrive_confirmed_and_leave_coalesced(
+    settings: Settings,
+) -> None:
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    assert isinstance(connection, ClosingRobustConnection)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare_topology(channel, settings)
+        channels = [await connection.channel(publisher_confirms=True) for _ in range(8)]
+        publisher = Publisher(settings, topology, channels)
+        replies = await channel.declare_queue(exclusive=True)
+        await replies.bind(topology.outcomes_exchange, routing_key=replies.name)
+        coalescer = connection.transport_factory.coalescer
+        assert coalescer is not None
+        writes, sends = coalescer.writes, coalescer.sends
+
+        ids = [str(uuid.uuid4()) for _ in range(200)]
+        await asyncio.gather(
+            *(
+                publisher.send(
+                    topology.outcomes_exchange,
+                    message_id.encode(),
+                    spec.Basic.Properties(delivery_mode=PERSISTENT, message_id=message_id),
+                    replies.name,
+                )
+                for message_id in ids
+            )
+        )  # each send returned once the broker confirmed it
+
+        assert coalescer.writes - writes >= 200
+        assert coalescer.sends - sends <= (coalescer.writes - writes) // 4
+        received = []
+        async with replies.iterator() as messages:
+            async for message in messages:
+                await message.ack()
+                received.append(message.body.decode())
+                if len(received) == len(ids):
+                    break
+        assert sorted(received) == sorted(ids)
+        assert await _empty(replies) == []  # each answer published once
+    finally:
+        began = time.monotonic()
+        await connection.close()
+        # Close-Ok came back: the coalesced Connection.Close frame was sent, not dropped.
+        assert time.monotonic() - began < 2.0
+
+
+async def _empty(queue: aio_pika.abc.AbstractQueue) -> list[aio_pika.abc.AbstractIncomingMessage]:
+    """Whatever the queue still holds (nothing, when every answer was published once)."""
+    left = []
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        left.append(message)
+    return left
+
+
+async def test_a_publish_on_a_closed_channel_fails_for_the_caller_to_retry(
+    settings: Settings,
+) -> None:
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare_topology(channel, settings)
+        closed = await connection.channel(publisher_confirms=True)
+        await closed.close()
+        publisher = Publisher(settings, topology, [closed])
+        with pytest.raises(aio_pika.exceptions.ChannelInvalidStateError):
+            await publisher.send(
+                topology.outcomes_exchange, b"{}", spec.Basic.Properties(), "nowhere"
+            )
+    finally:
+        await connection.close()
