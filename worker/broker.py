@@ -7,10 +7,18 @@ import contextlib
 from typing import Any
 
 import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq import spec
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
-__all__ = ["ClosingRobustConnection", "CoalescingTransportFactory", "WriteCoalescer"]
+__all__ = [
+    "ClosingRobustConnection",
+    "CoalescingTransportFactory",
+    "ConfirmingChannels",
+    "WriteCoalescer",
+]
 
 
 class WriteCoalescer:
@@ -96,3 +104,51 @@ class ClosingRobustConnection(aio_pika.RobustConnection):
             with contextlib.suppress(Exception):
                 await self.close()
             raise
+
+
+class ConfirmingChannels:
+    """Confirming channels published on in turn, each publish awaiting its broker confirm
+    but not its socket write.
+
+    aio-pika's ``Exchange.publish`` holds the channel's lock until aiormq's writer has
+    written that one frame, so concurrent publishes on a channel leave one per loop turn,
+    each a system call of its own (a batch's 64 outcomes: 64 turns, 64 sends). Through
+    aiormq with ``wait=False`` the lock is held only to queue the frame, and a channel
+    still admits one publish per turn; over several channels the frames of one turn queue
+    together and the connection's ``WriteCoalescer`` sends them at once (publishing CPU
+    175 → 100 µs a message with 8 channels). The confirm is still awaited: a frame lost
+    with the connection fails it, and the caller retries. Properties are built directly
+    (``aio_pika.Message`` costs 13 µs, ``spec.Basic.Properties`` 1 µs)."""
+
+    def __init__(self, channels: list[AbstractChannel]) -> None:
+        assert channels, "at least one channel"
+        self.channels = channels
+        self._turn = 0
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection, count: int) -> ConfirmingChannels:
+        return cls([await connection.channel(publisher_confirms=True) for _ in range(count)])
+
+    async def publish(
+        self,
+        exchange: str,
+        body: bytes,
+        properties: spec.Basic.Properties,
+        routing_key: str,
+        *,
+        mandatory: bool = True,
+    ) -> None:
+        self._turn = (self._turn + 1) % len(self.channels)
+        channel = self.channels[self._turn]
+        if channel.is_closed:
+            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        await underlay.basic_publish(
+            body,
+            exchange=exchange,
+            routing_key=routing_key,
+            properties=properties,
+            mandatory=mandatory,
+            wait=False,
+        )

@@ -20,6 +20,7 @@ import json
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import TypeAlias
 
 import aio_pika
 from aio_pika.abc import (
@@ -27,17 +28,19 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractIncomingMessage,
     AbstractRobustConnection,
-    DeliveryMode,
     FieldValue,
 )
+from aiormq import spec
 
 from arbiter.schemas import FlowRunSpec, Outcome, ProposedState, RunKind, StateType, TaskRunSpec
-from arbiter.worker.broker import ClosingRobustConnection
+from arbiter.worker.broker import ClosingRobustConnection, ConfirmingChannels
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import Topology, declare_topology
 from arbiter.worker.tracing import client_span, inject_current
 
 _SEEN_OUTCOMES = 10_000
+PERSISTENT = 2
+Properties: TypeAlias = spec.Basic.Properties
 
 
 class OutcomeTimeoutError(TimeoutError):
@@ -51,9 +54,10 @@ class ArbiterClient:
         self._connection = connection
         self._settings = settings
         self._reply_key = f"reply.{uuid.uuid4()}"
-        # Each unanswered proposal: the future its outcome resolves, and the message, kept
-        # to publish again after a reconnect.
-        self._pending: dict[uuid.UUID, tuple[asyncio.Future[Outcome], aio_pika.Message]] = {}
+        # Each unanswered proposal: the future its outcome resolves, and the message (body
+        # and properties), kept to publish again after a reconnect.
+        self._pending: dict[uuid.UUID, tuple[asyncio.Future[Outcome], bytes, Properties]] = {}
+        self._proposals: ConfirmingChannels | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.republished = 0
         self._seen: OrderedDict[uuid.UUID, None] = OrderedDict()
@@ -85,6 +89,10 @@ class ArbiterClient:
         queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(self._topology.outcomes_exchange, routing_key=self._reply_key)
         await queue.consume(self._on_outcome, no_ack=True)
+        # Proposals of concurrent executors leave together (``ConfirmingChannels``).
+        self._proposals = await ConfirmingChannels.open(
+            self._connection, self._settings.publish_channels
+        )
 
     async def _on_outcome(self, message: AbstractIncomingMessage) -> None:
         outcome = Outcome.model_validate_json(message.body)
@@ -148,20 +156,18 @@ class ArbiterClient:
         )
         if traceparent and tracestate:
             traced["tracestate"] = tracestate
-        message = aio_pika.Message(
-            body=json.dumps(body, separators=(",", ":")).encode(),
+        encoded = json.dumps(body, separators=(",", ":")).encode()
+        properties = Properties(
             content_type="application/json",
-            delivery_mode=DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=str(proposal_id),
             correlation_id=str(proposal_id),
             reply_to=self._reply_key,
             headers=traced or None,
         )
-        self._pending[proposal_id] = (future, message)
+        self._pending[proposal_id] = (future, encoded, properties)
         try:
-            await self._topology.proposals_exchange.publish(
-                message, routing_key=self._settings.proposals_routing_key
-            )
+            await self._send(encoded, properties)
         except BaseException:
             self._pending.pop(proposal_id, None)
             raise
@@ -180,14 +186,23 @@ class ArbiterClient:
     async def _republish_unanswered(self) -> None:
         """Publish again what is still waiting for an outcome (replays if already processed)."""
         assert self._topology is not None
-        for proposal_id, (_, message) in list(self._pending.items()):
+        for proposal_id, (_, body, properties) in list(self._pending.items()):
             if proposal_id not in self._pending:
                 continue  # answered meanwhile
             with contextlib.suppress(Exception):  # down again: the next reconnect retries
-                await self._topology.proposals_exchange.publish(
-                    message, routing_key=self._settings.proposals_routing_key
-                )
+                await self._send(body, properties)
                 self.republished += 1
+
+    async def _send(self, body: bytes, properties: Properties) -> None:
+        """Publish a proposal; returns once the broker has confirmed it."""
+        assert self._topology is not None
+        assert self._proposals is not None
+        await self._proposals.publish(
+            self._topology.proposals_exchange.name,
+            body,
+            properties,
+            self._settings.proposals_routing_key,
+        )
 
     async def propose(
         self,

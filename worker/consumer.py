@@ -37,6 +37,7 @@ from arbiter.rules.engine import Orchestrator
 from arbiter.worker.acks import Acker
 from arbiter.worker.answers import Answers, describe
 from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.broker import ConfirmingChannels
 from arbiter.worker.db.store import PgStore, is_transient
 from arbiter.worker.db.transaction import store_transaction
 from arbiter.worker.decode import Decoded, Invalid, decode_proposal
@@ -116,10 +117,9 @@ class Consumer:
                 channel = await self.connection.channel(publisher_confirms=True)
                 await channel.set_qos(prefetch_count=self.settings.prefetch)
                 topology = await declare_topology(channel, self.settings)
-                publishing = [
-                    await self.connection.channel(publisher_confirms=True)
-                    for _ in range(self.settings.publish_channels)
-                ]
+                publishing = await ConfirmingChannels.open(
+                    self.connection, self.settings.publish_channels
+                )
         self._topology = topology
         publisher = Publisher(self.settings, topology, publishing)
         self._answers = Answers(

@@ -5,17 +5,16 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
-import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, FieldValue
+from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, FieldValue
 from aiormq import spec
-from aiormq.exceptions import ChannelInvalidStateError
 from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 
 from arbiter.rules.context import OutboxMessage
 from arbiter.schemas import Outcome
 from arbiter.worker import headers
+from arbiter.worker.broker import ConfirmingChannels
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import Topology
 from arbiter.worker.tracing import trace_headers
@@ -34,14 +33,13 @@ class Publisher:
         self,
         settings: Settings,
         topology: Topology,
-        channels: Sequence[AbstractChannel] = (),
+        channels: ConfirmingChannels | None = None,
     ) -> None:
-        """``channels``: confirming channels to publish on in turn (ARBITER_PUBLISH_CHANNELS);
-        by default the one the topology was declared on."""
+        """``channels``: the confirming channels to publish on in turn
+        (ARBITER_PUBLISH_CHANNELS); by default the one the topology was declared on."""
         self.settings = settings
         self.topology = topology
-        self.channels = list(channels) or [topology.channel]
-        self._turn = 0
+        self.channels = channels or ConfirmingChannels([topology.channel])
 
     async def outcome(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
         """The answer to ``message``: to its reply_to, else ``outcome.<kind>.<status>``."""
@@ -101,29 +99,8 @@ class Publisher:
         properties: spec.Basic.Properties,
         routing_key: str,
     ) -> None:
-        """Publish once and await the broker's confirm, but not the socket.
-
-        aio-pika's ``Exchange.publish`` holds the channel's lock until aiormq's writer has
-        written that one frame, so a batch's publishes leave one per loop turn, each a
-        system call of its own. Spread over several channels (a channel admits one frame
-        per loop turn) and through aiormq with ``wait=False``, they queue together and the
-        connection's ``WriteCoalescer`` sends them at once. The confirm is still
-        awaited: a frame lost with the connection fails it, and the caller retries. The
-        properties are built directly (``aio_pika.Message`` costs 13 µs, they 1 µs)."""
-        self._turn = (self._turn + 1) % len(self.channels)
-        channel = self.channels[self._turn]
-        if channel.is_closed:
-            raise ChannelInvalidStateError(f"{channel!r} closed")
-        underlay = await channel.get_underlay_channel()
-        assert isinstance(underlay, aiormq.Channel)
-        await underlay.basic_publish(
-            body,
-            exchange=exchange.name,
-            routing_key=routing_key,
-            properties=properties,
-            mandatory=True,
-            wait=False,
-        )
+        """Publish once, confirmed, on the next of the worker's channels."""
+        await self.channels.publish(exchange.name, body, properties, routing_key)
 
     async def _with_retries(self, publish: Callable[[], Awaitable[object]]) -> None:
         """Publish; through a brief fault, again with backoff. The first try goes without

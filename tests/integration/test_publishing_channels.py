@@ -11,7 +11,7 @@ import aio_pika
 import pytest
 from aiormq import spec
 
-from arbiter.worker.broker import ClosingRobustConnection
+from arbiter.worker.broker import ClosingRobustConnection, ConfirmingChannels
 from arbiter.worker.publisher import PERSISTENT, Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
@@ -29,8 +29,7 @@ async def test_answers_spread_over_channels_arrive_confirmed_and_leave_coalesced
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare_topology(channel, settings)
-        channels = [await connection.channel(publisher_confirms=True) for _ in range(8)]
-        publisher = Publisher(settings, topology, channels)
+        publisher = Publisher(settings, topology, await ConfirmingChannels.open(connection, 8))
         replies = await channel.declare_queue(exclusive=True)
         await replies.bind(topology.outcomes_exchange, routing_key=replies.name)
         coalescer = connection.transport_factory.coalescer
@@ -87,7 +86,7 @@ async def test_a_publish_on_a_closed_channel_fails_for_the_caller_to_retry(
         topology = await declare_topology(channel, settings)
         closed = await connection.channel(publisher_confirms=True)
         await closed.close()
-        publisher = Publisher(settings, topology, [closed])
+        publisher = Publisher(settings, topology, ConfirmingChannels([closed]))
         with pytest.raises(aio_pika.exceptions.ChannelInvalidStateError):
             await publisher.send(
                 topology.outcomes_exchange, b"{}", spec.Basic.Properties(), "nowhere"
