@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
@@ -62,20 +61,6 @@ OUTAGE_MAX_PROBE_S = 5.0
 Result = Processed | None | Exception
 
 
-class _Slot:
-    """A batch's transaction slot, given back once."""
-
-    __slots__ = ("_free",)
-
-    def __init__(self, free: Callable[[], None]) -> None:
-        self._free: Callable[[], None] | None = free
-
-    def release(self) -> None:
-        if self._free is not None:
-            free, self._free = self._free, None
-            free()
-
-
 class Consumer:
     """Consumes proposals in batches and settles each one exactly once."""
 
@@ -95,8 +80,7 @@ class Consumer:
         self.tracing = Tracing(settings.tracing)
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         self._slots = asyncio.Semaphore(settings.concurrency)
-        self._transactions = 0  # batches holding a transaction slot
-        self._batches: set[asyncio.Task[None]] = set()  # batches not yet settled
+        self._batches: set[asyncio.Task[None]] = set()
         self._unsettled = 0  # delivered and not yet acked or given back
         self.acker = Acker()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -199,14 +183,12 @@ class Consumer:
             except asyncio.CancelledError:
                 self._slots.release()
                 raise
-            self._transactions += 1
             self._take_waiting(batch)
             if self._worth_waiting(batch):
                 await self._fill(batch, loop.time() + self.settings.batch_wait_ms / 1000)
-            slot = _Slot(self._slot_freed)
-            task = asyncio.create_task(self._settle(batch, slot))
+            task = asyncio.create_task(self._settle(batch))
             self._batches.add(task)
-            task.add_done_callback(functools.partial(self._batch_done, slot))
+            task.add_done_callback(self._batch_done)
 
     async def _fill(self, batch: list[AbstractIncomingMessage], deadline: float) -> None:
         """Add deliveries as they arrive, until the batch is full, a batch in flight
@@ -237,21 +219,17 @@ class Consumer:
             batch.append(self._inbox.get_nowait())
 
     def _worth_waiting(self, batch: list[AbstractIncomingMessage]) -> bool:
-        """Wait a moment for more only while other transactions run (an idle worker answers
-        at once) and more can still arrive (the prefetch window is not full)."""
+        """Wait a moment for more only while other batches run (an idle worker answers at
+        once) and more can still arrive (the prefetch window is not full)."""
         return (
             self.settings.batch_wait_ms > 0
             and len(batch) < self.settings.batch_max
-            and self._transactions > 1
+            and bool(self._batches)
             and self._unsettled < self.settings.prefetch
         )
 
-    def _batch_done(self, slot: _Slot, task: asyncio.Task[None]) -> None:
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
         self._batches.discard(task)
-        slot.release()  # if the batch ended before its transactions did (a bug, a cancel)
-
-    def _slot_freed(self) -> None:
-        self._transactions -= 1
         self._slots.release()
         if self._batch_finished is not None and not self._batch_finished.done():
             self._batch_finished.set_result(None)
@@ -262,11 +240,8 @@ class Consumer:
 
     # -- settling a batch ----------------------------------------------------------------------
 
-    async def _settle(self, messages: list[AbstractIncomingMessage], slot: _Slot) -> None:
-        """Decode, process in one transaction, then answer each delivery. The transaction
-        slot is given back once the batch's transactions are over, before its answers are
-        confirmed: the next batch's transaction overlaps this one's publishing, so a few
-        slots keep the database busy and a saturated worker's batches grow."""
+    async def _settle(self, messages: list[AbstractIncomingMessage]) -> None:
+        """Decode, process in one transaction, then answer each delivery."""
         started = time.perf_counter()
         traces = {id(m): self.tracing.begin(m.headers) for m in messages}
         valid: list[tuple[AbstractIncomingMessage, Decoded]] = []
@@ -288,7 +263,6 @@ class Consumer:
                 valid.append((message, decoded))
         await asyncio.gather(*refusals)
         if not valid:
-            slot.release()
             return
         began = time.time_ns()
         try:
@@ -297,7 +271,7 @@ class Consumer:
             results = [exc] * len(valid)
         self.tracing.shared_phase([traces[id(m)] for m, _ in valid], began, time.time_ns())
         held = [(m, d) for (m, d), result in zip(valid, results, strict=True) if result is None]
-        answering = asyncio.gather(
+        await asyncio.gather(
             *(
                 self._guarded(
                     message, self._conclude(message, decoded, result, started), traces[id(message)]
@@ -306,14 +280,10 @@ class Consumer:
                 if result is not None
             )
         )
-        try:
-            for message, decoded in held:
-                [result] = await self._process_many([decoded])
-                concluded = self._conclude(message, decoded, result, started)
-                await self._guarded(message, concluded, traces[id(message)])
-        finally:
-            slot.release()
-            await answering
+        for message, decoded in held:
+            [result] = await self._process_many([decoded])
+            concluded = self._conclude(message, decoded, result, started)
+            await self._guarded(message, concluded, traces[id(message)])
 
     def _decode(self, message: AbstractIncomingMessage) -> Decoded | Invalid:
         decoded = decode_proposal(

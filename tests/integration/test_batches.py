@@ -18,13 +18,11 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from arbiter.schemas import ErrorCode, FlowRunSpec, Outcome, OutcomeStatus, ProposedState, StateType
-from arbiter.worker.client import ArbiterClient
+from arbiter.schemas import ErrorCode, Outcome, OutcomeStatus, StateType
 from arbiter.worker.consumer import Consumer
 from arbiter.worker.db.engine import create_engine
 from arbiter.worker.db.store import PgStore
 from arbiter.worker.metrics import WorkerMetrics
-from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
 from tests.fixtures.services import running_worker
@@ -348,38 +346,3 @@ async def test_a_run_is_created_by_its_first_proposal_in_delivery_order(
     assert not await run_exists(settings, child)
     assert len(await dead_letters(settings, 2)) == 2
     assert batches(metrics) == (1, len(documents))
-
-
-async def test_a_batch_gives_back_its_transaction_slot_before_its_answers_are_confirmed(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With one transaction slot, a batch whose answer is slow to publish does not hold
-    the next batch back: the slot is freed at COMMIT, and publishing overlaps the next
-    transaction."""
-    settings = settings.model_copy(update={"concurrency": 1})
-    publishing = asyncio.Event()
-    gate = asyncio.Event()
-    original = Publisher.outcome
-
-    async def first_answer_held(
-        self: Publisher, message: AbstractIncomingMessage, outcome: Outcome
-    ) -> None:
-        if not publishing.is_set():
-            publishing.set()
-            await gate.wait()
-        await original(self, message, outcome)
-
-    monkeypatch.setattr(Publisher, "outcome", first_answer_held)
-    pending = ProposedState(type=StateType.PENDING)
-    async with running_worker(settings), ArbiterClient.connect(settings=settings) as client:
-        first = asyncio.ensure_future(
-            client.propose("flow_run", uuid.uuid4(), pending, run=FlowRunSpec(), timeout_s=20)
-        )
-        await asyncio.wait_for(publishing.wait(), 10)
-        second = await client.propose(
-            "flow_run", uuid.uuid4(), pending, run=FlowRunSpec(), timeout_s=5
-        )
-        assert second.status is OutcomeStatus.ACCEPT
-        assert not first.done()  # its answer is still held
-        gate.set()
-        assert (await first).status is OutcomeStatus.ACCEPT
