@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Sequence
 
@@ -345,8 +346,14 @@ class Consumer:
         """A batch of one is retried through transient faults; a larger one is split."""
         if len(batch) > 1:
             return await self._transaction(batch)
+        try:  # the first try without tenacity's bookkeeping (most succeed)
+            return await self._transaction(batch)
+        except Exception as exc:
+            if not is_transient(exc) or self.settings.retry_attempts <= 1:
+                raise
+        await asyncio.sleep(random.uniform(0, 0.05))  # tenacity's first wait, as before
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.settings.retry_attempts),
+            stop=stop_after_attempt(self.settings.retry_attempts - 1),
             wait=wait_random_exponential(multiplier=0.05, max=self.settings.retry_max_wait_s),
             retry=retry_if_exception(is_transient),
             reraise=True,
