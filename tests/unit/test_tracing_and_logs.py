@@ -10,7 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from arbiter.worker.logs import configure_logging
-from arbiter.worker.tracing import ProposalTrace, TraceContext, answering, trace_context
+from arbiter.worker.tracing import (
+    ProposalTrace,
+    TraceContext,
+    answering,
+    client_span,
+    inject_current,
+    trace_context,
+)
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -121,3 +128,18 @@ def test_a_json_line_carries_the_exception(captured: tuple[io.StringIO, io.Strin
         logging.getLogger("arbiter.test").exception("failed")
     [line] = (json.loads(line) for line in json_stream.getvalue().splitlines())
     assert "RuntimeError: boom" in line["exception"]
+
+
+def test_a_client_span_keeps_the_callers_trace_on_the_proposal_with_or_without_an_sdk() -> None:
+    """Without an OpenTelemetry SDK no span is created (it would only copy the context),
+    yet the proposal still carries the caller's current trace."""
+    otel = pytest.importorskip("opentelemetry.trace")
+    caller = otel.SpanContext(
+        trace_id=int(TRACE_ID, 16),
+        span_id=0x00F067AA0BA902B7,
+        is_remote=True,
+        trace_flags=otel.TraceFlags(1),
+    )
+    with otel.use_span(otel.NonRecordingSpan(caller)), client_span("arbiter propose", {}):
+        headers = inject_current()
+    assert headers["traceparent"].split("-")[1] == TRACE_ID
