@@ -66,9 +66,16 @@ async def dead_letters(
 
 
 async def refused(
-    settings: Settings, tap: OutcomeTap, body: bytes, **props: str
+    settings: Settings,
+    tap: OutcomeTap,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    message_id: str | None = None,
 ) -> tuple[Outcome, aio_pika.abc.AbstractIncomingMessage]:
-    await publish_raw(settings, body, reply_to="invalid.key", **props)
+    await publish_raw(
+        settings, body, reply_to="invalid.key", content_type=content_type, message_id=message_id
+    )
     outcome = Outcome.model_validate_json((await tap.next()).body)
     [dead] = await dead_letters(settings, 1)
     assert dead.body == body

@@ -27,7 +27,7 @@ from arbiter.worker.settings import Settings
 from devtools.devservices import Services
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_parked_waits import scheduled_soon
-from tests.integration.test_worker_roundtrip import OutcomeTap, proposal_body
+from tests.integration.test_worker_roundtrip import OutcomeTap, proposal_body, publish_raw
 
 pytestmark = pytest.mark.integration
 
@@ -112,10 +112,10 @@ async def test_an_outcome_has_the_trace_headers_the_proposal_came_with(
         running_worker(plain_settings),
         OutcomeTap(plain_settings, "outcome.flow_run.#") as outcomes,
     ):
-        await publish_with_headers(
+        await publish_raw(
             plain_settings,
             json.dumps(document).encode(),
-            {"traceparent": TRACEPARENT, "tracestate": TRACESTATE},
+            headers={"traceparent": TRACEPARENT, "tracestate": TRACESTATE},
         )
         answer = await outcomes.next()
     assert json.loads(answer.body)["proposal_id"] == str(proposal_id)
@@ -133,8 +133,8 @@ async def test_a_malformed_traceparent_is_ignored_and_the_proposal_answered(
         running_worker(plain_settings),
         OutcomeTap(plain_settings, "outcome.flow_run.#") as outcomes,
     ):
-        await publish_with_headers(
-            plain_settings, json.dumps(document).encode(), {"traceparent": "00-xyz-01"}
+        await publish_raw(
+            plain_settings, json.dumps(document).encode(), headers={"traceparent": "00-xyz-01"}
         )
         answer = await outcomes.next()
     assert json.loads(answer.body)["status"] == "ACCEPT"
@@ -161,22 +161,6 @@ async def test_a_followed_wait_answers_finally_with_the_proposals_trace(
     assert final.status is OutcomeStatus.ACCEPT
     assert json.loads(answer.body)["status"] == "ACCEPT"
     assert answer.headers["traceparent"] == TRACEPARENT
-
-
-async def publish_with_headers(settings: Settings, body: bytes, headers: dict[str, str]) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(settings.proposals_exchange)
-        message = aio_pika.Message(
-            body=body,
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            headers={**headers},
-        )
-        await exchange.publish(message, routing_key=settings.proposals_routing_key)
 
 
 # -- with OpenTelemetry's SDK -------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Mapping
 
 import aio_pika
 import pytest
@@ -54,7 +55,9 @@ async def publish_raw(
     message_id: str | None = None,
     correlation_id: str | None = None,
     content_type: str = "application/json",
+    headers: Mapping[str, str] | None = None,
 ) -> None:
+    """One proposal body as any executor could send it, with whatever properties."""
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
@@ -67,6 +70,7 @@ async def publish_raw(
                 correlation_id=correlation_id,
                 reply_to=reply_to,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                headers={**headers} if headers else None,
             ),
             routing_key=settings.proposals_routing_key,
         )
