@@ -40,12 +40,18 @@ class WriteCoalescer:
         self.sends = 0  # calls that reached the transport, for tests and measurement
         self.writes = 0
 
-    def install(self) -> None:
+    def install(self) -> bool:
         """Route the transport's own ``write`` and ``close`` through this coalescer; the
-        stream writer over it calls them by attribute, so it needs no change."""
+        stream writer over it calls them by attribute, so it needs no change. A transport
+        whose class takes no instance attributes (``__slots__`` throughout) is left as it
+        is: its writes go out one by one, as aiormq makes them (False)."""
         transport: Any = self._transport
-        transport.write = self.write
+        try:
+            transport.write = self.write
+        except AttributeError:
+            return False
         transport.close = self.close
+        return True
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes += 1
@@ -80,8 +86,8 @@ class CoalescingTransportFactory(TransportFactory):
         self, url: URL, **kwargs: Any
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
-        self.coalescer = WriteCoalescer(writer.transport, asyncio.get_running_loop())
-        self.coalescer.install()
+        coalescer = WriteCoalescer(writer.transport, asyncio.get_running_loop())
+        self.coalescer = coalescer if coalescer.install() else None
         return reader, writer
 
 

@@ -73,3 +73,23 @@ async def test_a_closed_transport_is_not_written_to() -> None:
     await asyncio.sleep(0)
     assert transport.sent == []
     assert coalescer.sends == 0
+
+
+class SlottedTransport(asyncio.WriteTransport):
+    """A transport whose instances take no new attributes."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent.append(bytes(data))
+
+
+async def test_a_transport_that_takes_no_attributes_is_left_writing_directly() -> None:
+    transport = SlottedTransport()
+    coalescer = WriteCoalescer(transport, asyncio.get_running_loop())
+    assert coalescer.install() is False
+    transport.write(b"frame")
+    assert transport.sent == [b"frame"]  # written at once, as without the coalescer
