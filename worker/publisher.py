@@ -71,8 +71,17 @@ class Publisher:
                 headers=traced,
             )
             body = json.dumps(item.body, default=str).encode()
+            # An event nobody subscribes to is dropped by the broker; as mandatory, it would
+            # come back as a Basic.Return for nothing (returns are not acted on).
             await self._with_retries(
-                functools.partial(self.send, exchange, body, properties, item.routing_key)
+                functools.partial(
+                    self.send,
+                    exchange,
+                    body,
+                    properties,
+                    item.routing_key,
+                    mandatory=item.channel != "event",
+                )
             )
 
     async def dead_letter(self, message: AbstractIncomingMessage, code: str, why: str) -> None:
@@ -98,9 +107,13 @@ class Publisher:
         body: bytes,
         properties: spec.Basic.Properties,
         routing_key: str,
+        *,
+        mandatory: bool = True,
     ) -> None:
         """Publish once, confirmed, on the next of the worker's channels."""
-        await self.channels.publish(exchange.name, body, properties, routing_key)
+        await self.channels.publish(
+            exchange.name, body, properties, routing_key, mandatory=mandatory
+        )
 
     async def _with_retries(self, publish: Callable[[], Awaitable[object]]) -> None:
         """Publish; through a brief fault, again with backoff. The first try goes without

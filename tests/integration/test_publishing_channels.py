@@ -11,6 +11,7 @@ import aio_pika
 import pytest
 from aiormq import spec
 
+from arbiter.rules.context import OutboxMessage
 from arbiter.worker.broker import ClosingRobustConnection, ConfirmingChannels
 from arbiter.worker.publisher import PERSISTENT, Publisher
 from arbiter.worker.settings import Settings
@@ -91,5 +92,36 @@ async def test_a_publish_on_a_closed_channel_fails_for_the_caller_to_retry(
             await publisher.send(
                 topology.outcomes_exchange, b"{}", spec.Basic.Properties(), "nowhere"
             )
+    finally:
+        await connection.close()
+
+
+async def test_an_event_nobody_subscribes_to_is_not_returned_but_a_lost_task_run_is(
+    settings: Settings,
+) -> None:
+    """Events are published non-mandatory: with no queue bound the broker drops them
+    without a Basic.Return each; a deferred task run stays mandatory."""
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare_topology(channel, settings)
+        channels = await ConfirmingChannels.open(connection, 2)
+        returned: list[str] = []
+        for publishing in channels.channels:
+            publishing.return_callbacks.add(
+                lambda _, message: returned.append(message.routing_key or "")
+            )
+        publisher = Publisher(settings, topology, channels)
+        unbound = f"nobody.listens.{uuid.uuid4().hex}"
+        await publisher.outbox(
+            [
+                OutboxMessage("event", unbound, {"event": "x"}, str(uuid.uuid4())),
+                OutboxMessage("task_run", unbound, {"id": "y"}, str(uuid.uuid4())),
+            ]
+        )
+        await asyncio.sleep(0.2)  # a Basic.Return precedes its confirm; allow for the callback
+        assert returned == [unbound]  # the task run's, not the event's
     finally:
         await connection.close()
