@@ -21,6 +21,8 @@ import logging
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
@@ -54,12 +56,28 @@ log = logging.getLogger(__name__)
 
 STARTUP_RETRY_S = 60.0  # a broker connection lost while starting: how long to keep trying
 OUTAGE_PROBE_TIMEOUT_S = 2.0
+CANCEL_TIMEOUT_S = 2.0
 OUTAGE_FIRST_PROBE_S = 0.5
 OUTAGE_MAX_PROBE_S = 5.0
 
 # What a transaction gives each proposal: its answer, None when its run was held by another
 # transaction (settled alone afterwards), or the exception that failed it alone.
 Result = Processed | None | Exception
+
+
+def _await_chain(task: asyncio.Task[Any]) -> list[str]:
+    """``function (file:line)`` of each coroutine a task is suspended in, outermost first."""
+    chain: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(chain) < 40:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is None:
+            chain.append(type(awaited).__name__)
+            break
+        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        chain.append(f"{frame.f_code.co_name} ({where})")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return chain
 
 
 class Consumer:
@@ -153,8 +171,12 @@ class Consumer:
     async def drain(self) -> None:
         """Stop taking deliveries, then let every delivered one settle."""
         if self._topology is not None and self._consumer_tag is not None:
+            # Bounded: on a connection that is down, aio-pika waits for the reconnect to
+            # cancel, and a drain stuck there would settle nothing. A broker that cannot be
+            # told stops delivering with the connection anyway.
             with contextlib.suppress(Exception):
-                await self._topology.proposals_queue.cancel(self._consumer_tag)
+                async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                    await self._topology.proposals_queue.cancel(self._consumer_tag)
             self._consumer_tag = None
         while not self._inbox.empty() or self._batches:
             if self._batches:
@@ -165,6 +187,18 @@ class Consumer:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
+
+    def describe_unsettled(self) -> str:
+        """Where each batch still unsettled waits, and every other task of the loop (each
+        as its chain of awaiting coroutines): what a drain that timed out waited for."""
+        ours = {id(task) for task in self._batches}
+        lines = []
+        for task in asyncio.all_tasks():
+            if task is asyncio.current_task():
+                continue
+            mark = "batch" if id(task) in ours else "task"
+            lines.append(f"{mark} {task.get_name()}: {' > '.join(_await_chain(task))}")
+        return "\n".join(sorted(lines)) or "no task"
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         self._unsettled += 1

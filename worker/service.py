@@ -101,6 +101,7 @@ async def _consume_until_stopped(
                 settings.shutdown_timeout_s,
                 consumer.unsettled,
             )
+            log.info("stopping: the unsettled batches wait at\n%s", consumer.describe_unsettled())
         # Between passes: a pass cut off mid-transaction would leave its connection behind.
         for passes, task in ((purges, purger), (reevaluator.passes, parked)):
             await passes.stop(task, BACKGROUND_STOP_S)

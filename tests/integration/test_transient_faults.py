@@ -19,6 +19,7 @@ from arbiter.worker.client import ArbiterClient
 from arbiter.worker.db.engine import create_engine
 from arbiter.worker.settings import Settings
 from devtools.devservices import Services
+from tests.fixtures.proxy import proxy_for
 from tests.fixtures.services import isolated_settings, running_worker
 from tests.integration.test_invalid_proposals import dead_letters
 from tests.integration.test_worker_roundtrip import (
@@ -213,3 +214,23 @@ async def test_an_error_on_every_delivery_is_answered_on_the_last_one(
     assert dead.headers["x-arbiter-error-code"] == "delivery_limit"
     # Each delivery decodes once; the last one tries once more to read the proposal's id.
     assert calls == settings.delivery_limit + 2
+
+
+async def test_a_stop_while_the_broker_is_unreachable_does_not_wait_for_a_reconnect(
+    settings: Settings,
+) -> None:
+    """SIGTERM while the broker connection is down: cancelling the consumer would wait for
+    aio-pika's reconnect, so it is bounded and the drain (nothing in flight) ends at once
+    instead of after ARBITER_SHUTDOWN_TIMEOUT_S."""
+    async with proxy_for(settings.amqp_url) as broker:
+        flaky = settings.model_copy(
+            update={"amqp_url": broker.url_through(settings.amqp_url), "shutdown_timeout_s": 20.0}
+        )
+        loop = asyncio.get_running_loop()
+        async with running_worker(flaky) as stop:
+            broker.refusing = True
+            broker.cut()
+            await asyncio.sleep(0.5)  # the worker has seen its connection die
+            began = loop.time()
+            stop.set()
+        assert loop.time() - began < 8.0  # the 2 s cancel bound, then background passes end
