@@ -114,8 +114,15 @@ class Consumer:
         return self._answers
 
     def _lost_connection(self, exc: BaseException) -> bool:
+        # aiormq refuses a channel on a connection that just died with a RuntimeError
+        # "<Connection ...> closed", before aio-pika has marked the robust one reconnecting.
         return isinstance(exc, AMQPConnectionError | ConnectionError) or (
-            isinstance(exc, RuntimeError) and self.connection.is_closed
+            isinstance(exc, RuntimeError)
+            and (
+                self.connection.is_closed
+                or not self.connection.connected.is_set()
+                or str(exc).endswith(" closed")
+            )
         )
 
     @property

@@ -86,3 +86,38 @@ async def test_a_fault_that_is_not_a_lost_connection_is_not_retried(
         with pytest.raises(ValueError, match="not a connection fault"):
             await consumer.start()
         assert refusing.failures == 1
+
+
+async def test_a_channel_refused_by_a_connection_that_just_died_is_retried(
+    settings: Settings,
+) -> None:
+    """aiormq refuses a channel on a connection cut a moment ago with RuntimeError
+    "<Connection ...> closed" before aio-pika marks the robust one as reconnecting; the
+    worker opens several channels at start (one to consume, ARBITER_PUBLISH_CHANNELS to
+    publish on), so a cut among them must be retried like any lost connection."""
+
+    class ClosedUnderneath(CutWhileOpening):
+        opened = 0
+
+        async def channel(self, *args: Any, **kwargs: Any) -> Any:
+            self.opened += 1
+            if self.opened == 3 and self.failures:  # a publishing channel
+                self.failures -= 1
+                raise RuntimeError('<Connection: "amqp://127.0.0.1:5672/" at 0x7f> closed')
+            return await self._connection.channel(*args, **kwargs)
+
+    async with build_runtime(settings) as runtime:
+        flaky = ClosedUnderneath(runtime.connection, failures=1)
+        consumer = Consumer(
+            settings,
+            runtime.engine,
+            runtime.orchestrator,
+            flaky,  # type: ignore[arg-type]
+            WorkerMetrics(),
+        )
+        await consumer.start()
+        try:
+            assert flaky.failures == 0
+            assert await consumer.consuming()
+        finally:
+            await consumer.drain()

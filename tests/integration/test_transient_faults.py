@@ -11,6 +11,7 @@ import asyncio
 import json
 import uuid
 
+import aio_pika
 import pytest
 from sqlalchemy import text
 
@@ -228,9 +229,23 @@ async def test_a_stop_while_the_broker_is_unreachable_does_not_wait_for_a_reconn
         )
         loop = asyncio.get_running_loop()
         async with running_worker(flaky) as stop:
+            await _until_consumed(settings)
             broker.refusing = True
             broker.cut()
             await asyncio.sleep(0.5)  # the worker has seen its connection die
             began = loop.time()
             stop.set()
         assert loop.time() - began < 8.0  # the 2 s cancel bound, then background passes end
+
+
+async def _until_consumed(settings: Settings) -> None:
+    """Until the worker consumes its queue (its start opens several channels after the
+    queue exists)."""
+    async with await aio_pika.connect(settings.amqp_url) as connection:
+        channel = await connection.channel()
+        for _ in range(200):
+            queue = await channel.declare_queue(settings.proposals_queue, passive=True)
+            if queue.declaration_result.consumer_count:
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError("the worker never consumed")
