@@ -14,11 +14,14 @@ from aiormq.connection import TCPTransportFactory, TLSTransportFactory, Transpor
 from yarl import URL
 
 __all__ = [
+    "PERSISTENT",
     "ClosingRobustConnection",
     "CoalescingTransportFactory",
     "ConfirmingChannels",
     "WriteCoalescer",
 ]
+
+PERSISTENT = 2  # delivery_mode of every message Arbiter publishes
 
 
 class WriteCoalescer:

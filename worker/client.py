@@ -33,13 +33,12 @@ from aio_pika.abc import (
 from aiormq import spec
 
 from arbiter.schemas import FlowRunSpec, Outcome, ProposedState, RunKind, StateType, TaskRunSpec
-from arbiter.worker.broker import ClosingRobustConnection, ConfirmingChannels
+from arbiter.worker.broker import PERSISTENT, ClosingRobustConnection, ConfirmingChannels
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import Topology, declare_topology
 from arbiter.worker.tracing import client_span, inject_current
 
 _SEEN_OUTCOMES = 10_000
-PERSISTENT = 2
 Properties: TypeAlias = spec.Basic.Properties
 
 

@@ -21,12 +21,9 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from aiormq.exceptions import AMQPConnectionError
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from tenacity import (
     AsyncRetrying,
@@ -44,7 +41,9 @@ from arbiter.worker.broker import ConfirmingChannels
 from arbiter.worker.db.store import PgStore, is_transient
 from arbiter.worker.db.transaction import store_transaction
 from arbiter.worker.decode import Decoded, Invalid, decode_proposal
+from arbiter.worker.diagnostics import describe_tasks
 from arbiter.worker.metrics import WorkerMetrics
+from arbiter.worker.outage import database_answers, hold_until_database_answers
 from arbiter.worker.parking import with_reply_route
 from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
@@ -55,29 +54,11 @@ from arbiter.worker.unit_of_work import Processed
 log = logging.getLogger(__name__)
 
 STARTUP_RETRY_S = 60.0  # a broker connection lost while starting: how long to keep trying
-OUTAGE_PROBE_TIMEOUT_S = 2.0
 CANCEL_TIMEOUT_S = 2.0
-OUTAGE_FIRST_PROBE_S = 0.5
-OUTAGE_MAX_PROBE_S = 5.0
 
 # What a transaction gives each proposal: its answer, None when its run was held by another
 # transaction (settled alone afterwards), or the exception that failed it alone.
 Result = Processed | None | Exception
-
-
-def _await_chain(task: asyncio.Task[Any]) -> list[str]:
-    """``function (file:line)`` of each coroutine a task is suspended in, outermost first."""
-    chain: list[str] = []
-    awaited: Any = task.get_coro()
-    while awaited is not None and len(chain) < 40:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
-        if frame is None:
-            chain.append(type(awaited).__name__)
-            break
-        where = f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
-        chain.append(f"{frame.f_code.co_name} ({where})")
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
-    return chain
 
 
 class Consumer:
@@ -196,16 +177,9 @@ class Consumer:
                 await self._dispatcher
 
     def describe_unsettled(self) -> str:
-        """Where each batch still unsettled waits, and every other task of the loop (each
-        as its chain of awaiting coroutines): what a drain that timed out waited for."""
-        ours = {id(task) for task in self._batches}
-        lines = []
-        for task in asyncio.all_tasks():
-            if task is asyncio.current_task():
-                continue
-            mark = "batch" if id(task) in ours else "task"
-            lines.append(f"{mark} {task.get_name()}: {' > '.join(_await_chain(task))}")
-        return "\n".join(sorted(lines)) or "no task"
+        """Where each batch still unsettled waits, and every other task of the loop: what a
+        drain that timed out waited for."""
+        return describe_tasks(self._batches)
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         self._unsettled += 1
@@ -369,10 +343,10 @@ class Consumer:
             try:
                 return list(await self._attempts(batch))
             except Exception as exc:
-                if is_transient(exc) and not await self._database_reachable():
+                if is_transient(exc) and not await database_answers(self.engine):
                     # An outage, not these proposals' fault: hold them until the database
                     # is back instead of spending their delivery attempts.
-                    await self._await_database(len(batch))
+                    await hold_until_database_answers(self.engine, self.metrics, len(batch))
                     continue
                 if len(batch) == 1:
                     return [exc]
@@ -422,31 +396,3 @@ class Consumer:
             finally:
                 if store is not None:
                     self.metrics.statements.inc(store.statements)
-
-    async def _database_reachable(self) -> bool:
-        """Whether a trivial query succeeds now (a new connection if the pooled one died)."""
-        try:
-            async with asyncio.timeout(OUTAGE_PROBE_TIMEOUT_S), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
-        except Exception:
-            return False
-        return True
-
-    async def _await_database(self, held: int) -> None:
-        """Probe the database with capped backoff until it answers.
-
-        Other batches do the same, and the prefetch window stops the broker from sending
-        more, so the worker idles through the outage. SIGTERM still ends it after
-        ARBITER_SHUTDOWN_TIMEOUT_S; the held deliveries are then redelivered.
-        """
-        log.warning("the database is unreachable; holding %d proposals", held)
-        delay = OUTAGE_FIRST_PROBE_S
-        self.metrics.held.inc(held)
-        try:
-            while True:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, OUTAGE_MAX_PROBE_S)
-                if await self._database_reachable():
-                    return
-        finally:
-            self.metrics.held.dec(held)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
-from sqlalchemy import text
+from arbiter.worker.outage import database_answers
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustConnection
@@ -127,18 +127,9 @@ async def readiness_problems(
     held = consumer.metrics.registry.get_sample_value("arbiter_held_for_outage") or 0
     if held:
         problems.append(f"holding {held:.0f} deliveries until PostgreSQL answers again")
-    elif not await _database_answers(engine):
+    elif not await database_answers(engine, PART_TIMEOUT_S):
         problems.append("PostgreSQL does not answer")
     return problems
-
-
-async def _database_answers(engine: AsyncEngine) -> bool:
-    try:
-        async with asyncio.timeout(PART_TIMEOUT_S), engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except Exception:
-        return False
-    return True
 
 
 class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):

@@ -14,14 +14,12 @@ from tenacity import AsyncRetrying, stop_after_attempt, wait_random_exponential
 from arbiter.rules.context import OutboxMessage
 from arbiter.schemas import Outcome
 from arbiter.worker import headers
-from arbiter.worker.broker import ConfirmingChannels
+from arbiter.worker.broker import PERSISTENT, ConfirmingChannels
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import Topology
 from arbiter.worker.tracing import trace_headers
 
 __all__ = ["Publisher"]
-
-PERSISTENT = 2
 
 
 class Publisher:

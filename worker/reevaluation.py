@@ -34,6 +34,7 @@ from arbiter.rules.engine import Orchestrator
 from arbiter.schemas import Outcome, OutcomeStatus, Proposal
 from arbiter.worker import headers, parking
 from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.broker import PERSISTENT
 from arbiter.worker.db import parked as sql
 from arbiter.worker.db.store import PgStore
 from arbiter.worker.db.transaction import store_transaction
@@ -41,7 +42,7 @@ from arbiter.worker.decode import Decoded, body_digest
 from arbiter.worker.metrics import WorkerMetrics
 from arbiter.worker.parking import reevaluation_id
 from arbiter.worker.passes import Passes
-from arbiter.worker.publisher import PERSISTENT, Publisher
+from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
 from arbiter.worker.tracing import ProposalTrace, TraceContext, answering, trace_headers

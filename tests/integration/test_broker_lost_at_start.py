@@ -13,7 +13,7 @@ from arbiter.schemas import FlowRunSpec, OutcomeStatus, ProposedState, StateType
 from arbiter.worker.client import ArbiterClient
 from arbiter.worker.consumer import Consumer
 from arbiter.worker.metrics import WorkerMetrics
-from arbiter.worker.runtime import build_runtime
+from arbiter.worker.runtime import Runtime, build_runtime
 from arbiter.worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -37,18 +37,23 @@ class CutWhileOpening:
         return getattr(self._connection, name)
 
 
+def consumer_over(settings: Settings, runtime: Runtime, connection: CutWhileOpening) -> Consumer:
+    """A consumer of the real runtime whose connection is ``connection``."""
+    return Consumer(
+        settings,
+        runtime.engine,
+        runtime.orchestrator,
+        connection,  # type: ignore[arg-type]
+        WorkerMetrics(),
+    )
+
+
 async def test_a_connection_lost_while_starting_is_retried_and_the_worker_serves(
     settings: Settings,
 ) -> None:
     async with build_runtime(settings) as runtime:
         flaky = CutWhileOpening(runtime.connection, failures=2)
-        consumer = Consumer(
-            settings,
-            runtime.engine,
-            runtime.orchestrator,
-            flaky,  # type: ignore[arg-type]
-            WorkerMetrics(),
-        )
+        consumer = consumer_over(settings, runtime, flaky)
         await consumer.start()
         assert flaky.failures == 0
         try:
@@ -76,13 +81,7 @@ async def test_a_fault_that_is_not_a_lost_connection_is_not_retried(
 
     async with build_runtime(settings) as runtime:
         refusing = Refusing(runtime.connection, failures=0)
-        consumer = Consumer(
-            settings,
-            runtime.engine,
-            runtime.orchestrator,
-            refusing,  # type: ignore[arg-type]
-            WorkerMetrics(),
-        )
+        consumer = consumer_over(settings, runtime, refusing)
         with pytest.raises(ValueError, match="not a connection fault"):
             await consumer.start()
         assert refusing.failures == 1
@@ -108,13 +107,7 @@ async def test_a_channel_refused_by_a_connection_that_just_died_is_retried(
 
     async with build_runtime(settings) as runtime:
         flaky = ClosedUnderneath(runtime.connection, failures=1)
-        consumer = Consumer(
-            settings,
-            runtime.engine,
-            runtime.orchestrator,
-            flaky,  # type: ignore[arg-type]
-            WorkerMetrics(),
-        )
+        consumer = consumer_over(settings, runtime, flaky)
         await consumer.start()
         try:
             assert flaky.failures == 0

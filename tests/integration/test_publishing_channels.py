@@ -12,8 +12,8 @@ import pytest
 from aiormq import spec
 
 from arbiter.rules.context import OutboxMessage
-from arbiter.worker.broker import ClosingRobustConnection, ConfirmingChannels
-from arbiter.worker.publisher import PERSISTENT, Publisher
+from arbiter.worker.broker import PERSISTENT, ClosingRobustConnection, ConfirmingChannels
+from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
 from arbiter.worker.topology import declare_topology
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from arbiter.worker.consumer import _await_chain
+from arbiter.worker.diagnostics import await_chain
 
 
 async def _inner(event: asyncio.Event) -> None:
@@ -19,7 +19,7 @@ async def test_a_suspended_task_is_described_outermost_first_down_to_what_it_awa
     event = asyncio.Event()
     task = asyncio.create_task(_outer(event))
     await asyncio.sleep(0)
-    chain = _await_chain(task)
+    chain = await_chain(task)
     names = [link.split(" ")[0] for link in chain]
     assert names[:3] == ["_outer", "_inner", "wait"]
     assert "test_await_chain.py" in chain[0]
