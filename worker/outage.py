@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from arbiter.worker.metrics import WorkerMetrics
+if TYPE_CHECKING:  # metrics imports the health checks, which use this module
+    from arbiter.worker.metrics import WorkerMetrics
 
 __all__ = ["database_answers", "hold_until_database_answers"]
 
