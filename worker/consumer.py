@@ -1,12 +1,12 @@
 """The consumer: the one module that acks.
 
-Deliveries wait in an inbox; a dispatcher takes what is waiting (up to
-``ARBITER_BATCH_MAX``) as one batch, and up to ``ARBITER_CONCURRENCY`` batches run at
-once. For each batch the order is fixed: decode → one transaction (lock the runs,
-orchestrate each proposal in delivery order, write everything, record outcomes and
-outboxes, commit) → publish every outcome, then its outbox, confirms in flight together
-→ ack each. A crash anywhere before an ack redelivers the proposal, and the stored
-outcome and outbox make the redelivery a replay. Nothing is acked on cancellation.
+Deliveries are grouped into batches of up to ``ARBITER_BATCH_MAX``, and up to
+``ARBITER_CONCURRENCY`` batches run at once (``batching.py`` says when a batch goes).
+For each batch the order is fixed: decode → one transaction (lock the runs, orchestrate
+each proposal in delivery order, write everything, record outcomes and outboxes, commit)
+→ publish every outcome, then its outbox, confirms in flight together → ack each. A
+crash anywhere before an ack redelivers the proposal, and the stored outcome and outbox
+make the redelivery a replay. Nothing is acked on cancellation.
 
 A proposal does not suffer for its neighbours: a rule's error re-runs the batch with
 that proposal answered ABORT; any other failure splits the batch until the culprit is
@@ -37,6 +37,7 @@ from arbiter.rules.engine import Orchestrator
 from arbiter.worker.acks import Acker
 from arbiter.worker.answers import Answers, describe
 from arbiter.worker.batch import RuleFailed, process_batch
+from arbiter.worker.batching import Batcher
 from arbiter.worker.broker import ConfirmingChannels
 from arbiter.worker.db.store import PgStore, is_transient
 from arbiter.worker.db.transaction import store_transaction
@@ -78,13 +79,16 @@ class Consumer:
         self.connection = connection
         self.metrics = metrics or WorkerMetrics()
         self.tracing = Tracing(settings.tracing)
-        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
-        self._slots = asyncio.Semaphore(settings.concurrency)
-        self._batches: set[asyncio.Task[None]] = set()
+        self._batcher = Batcher(
+            self._settle,
+            concurrency=settings.concurrency,
+            batch_max=settings.batch_max,
+            wait_s=settings.batch_wait_ms / 1000,
+            window_full=lambda: self._unsettled >= settings.prefetch,
+        )
         self._unsettled = 0  # delivered and not yet acked or given back
         self.acker = Acker()
         self._dispatcher: asyncio.Task[None] | None = None
-        self._batch_finished: asyncio.Future[None] | None = None  # set while a batch fills
         self._topology: Topology | None = None
         self._answers: Answers | None = None
         self._consumer_tag: str | None = None
@@ -138,7 +142,7 @@ class Consumer:
             self._settled,
             self.acker,
         )
-        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._dispatcher = asyncio.create_task(self._batcher.run())
         self._consumer_tag = await topology.proposals_queue.consume(self._on_delivery)
         log.info(
             "consuming %s (prefetch %d, %d batches of up to %d at once)",
@@ -166,11 +170,7 @@ class Consumer:
                 async with asyncio.timeout(CANCEL_TIMEOUT_S):
                     await self._topology.proposals_queue.cancel(self._consumer_tag)
             self._consumer_tag = None
-        while not self._inbox.empty() or self._batches:
-            if self._batches:
-                await asyncio.gather(*list(self._batches), return_exceptions=True)
-            else:
-                await asyncio.sleep(0.01)
+        await self._batcher.settled()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -179,76 +179,13 @@ class Consumer:
     def describe_unsettled(self) -> str:
         """Where each batch still unsettled waits, and every other task of the loop: what a
         drain that timed out waited for."""
-        return describe_tasks(self._batches)
+        return describe_tasks(self._batcher.in_flight)
 
     async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         self._unsettled += 1
         self.acker.delivered(message)
         self.metrics.in_flight.inc()
-        self._inbox.put_nowait(message)
-
-    # -- batching ------------------------------------------------------------------------------
-
-    async def _dispatch(self) -> None:
-        """Take what waits in the inbox as one batch whenever a transaction slot is free."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = [await self._inbox.get()]
-            except asyncio.CancelledError:
-                self._slots.release()
-                raise
-            self._take_waiting(batch)
-            if self._worth_waiting(batch):
-                await self._fill(batch, loop.time() + self.settings.batch_wait_ms / 1000)
-            task = asyncio.create_task(self._settle(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batch_done)
-
-    async def _fill(self, batch: list[AbstractIncomingMessage], deadline: float) -> None:
-        """Add deliveries as they arrive, until the batch is full, a batch in flight
-        finishes (its slot could take these at once), or ``deadline``."""
-        loop = asyncio.get_running_loop()
-        finished = self._batch_finished = loop.create_future()
-        try:
-            while len(batch) < self.settings.batch_max and not finished.done():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return
-                arrival = asyncio.ensure_future(self._inbox.get())
-                await asyncio.wait(
-                    {arrival, finished}, timeout=remaining, return_when="FIRST_COMPLETED"
-                )
-                if not arrival.done():
-                    arrival.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await arrival
-                if arrival.done() and not arrival.cancelled():
-                    batch.append(arrival.result())
-                    self._take_waiting(batch)
-        finally:
-            self._batch_finished = None
-
-    def _take_waiting(self, batch: list[AbstractIncomingMessage]) -> None:
-        while len(batch) < self.settings.batch_max and not self._inbox.empty():
-            batch.append(self._inbox.get_nowait())
-
-    def _worth_waiting(self, batch: list[AbstractIncomingMessage]) -> bool:
-        """Wait a moment for more only while other batches run (an idle worker answers at
-        once) and more can still arrive (the prefetch window is not full)."""
-        return (
-            self.settings.batch_wait_ms > 0
-            and len(batch) < self.settings.batch_max
-            and bool(self._batches)
-            and self._unsettled < self.settings.prefetch
-        )
-
-    def _batch_done(self, task: asyncio.Task[None]) -> None:
-        self._batches.discard(task)
-        self._slots.release()
-        if self._batch_finished is not None and not self._batch_finished.done():
-            self._batch_finished.set_result(None)
+        self._batcher.put(message)
 
     def _settled(self, count: int = 1) -> None:
         self._unsettled -= count

@@ -33,10 +33,10 @@ class Settings(BaseSettings):
     # Transactions (batches of proposals) a worker runs at once.
     concurrency: int = Field(default=4, ge=1)
     # Deliveries settled by one transaction at most, and how long a batch may wait to fill
-    # while other batches are in flight: until one of them finishes, at most this long
-    # (never when the worker is idle or its window is full).
+    # while other batches are in flight: until none is, at most this long (never when the
+    # worker is idle or its window is full). See worker/batching.py.
     batch_max: int = Field(default=64, ge=1)
-    batch_wait_ms: float = Field(default=10.0, ge=0)
+    batch_wait_ms: float = Field(default=50.0, ge=0)
     # Confirming channels a worker publishes outcomes on, in turn: aiormq writes one frame
     # per channel per loop turn, so more channels let a batch's answers leave together.
     publish_channels: int = Field(default=8, ge=1)

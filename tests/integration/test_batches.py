@@ -19,6 +19,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from arbiter.schemas import ErrorCode, Outcome, OutcomeStatus, StateType
+from arbiter.worker.batching import Batcher
 from arbiter.worker.consumer import Consumer
 from arbiter.worker.db.engine import create_engine
 from arbiter.worker.db.store import PgStore
@@ -85,21 +86,21 @@ async def worker_taking_one_batch(
     to split: 8 waiting proposals came as two or three batches in each of ten tries.
     """
     delivered = asyncio.Event()
-    on_delivery, dispatch = Consumer._on_delivery, Consumer._dispatch
+    on_delivery, dispatch = Consumer._on_delivery, Batcher.run
 
     async def count_delivery(self: Consumer, message: AbstractIncomingMessage) -> None:
         await on_delivery(self, message)
         if self.unsettled >= deliveries:
             delivered.set()
 
-    async def dispatch_once_delivered(self: Consumer) -> None:
+    async def dispatch_once_delivered(self: Batcher[AbstractIncomingMessage]) -> None:
         with contextlib.suppress(TimeoutError):  # then the batch-size assertion tells
             await asyncio.wait_for(delivered.wait(), 10)
         await dispatch(self)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Consumer, "_on_delivery", count_delivery)
-        patch.setattr(Consumer, "_dispatch", dispatch_once_delivered)
+        patch.setattr(Batcher, "run", dispatch_once_delivered)
         async with running_worker(settings, metrics=metrics):
             yield
 
