@@ -66,7 +66,7 @@ class Answers:
             # The outcome first: an executor waiting on it must not depend on the events
             # exchange. If the outbox then fails, the redelivery publishes both again.
             if not processed.silent:
-                await self.publisher.outcome(message, processed.outcome)
+                await self.publisher.outcome(message, outcome, processed.outcome_json)
             await self.publisher.outbox(processed.outbox)
         except Exception as exc:
             # Committed but not (fully) announced: the redelivery replays the stored

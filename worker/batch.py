@@ -17,7 +17,7 @@ the caller runs the batch again with that proposal answered by a stored ABORT in
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from arbiter.rules.context import OrchestrationContext
 from arbiter.rules.core.leases import renew_run_slots
@@ -214,7 +214,7 @@ async def process_batch(
                 message = f"proposal {proposal.proposal_id} was already processed with another body"
                 results.append(_refusal(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message))
             else:
-                again = Processed(processed.outcome, processed.outbox, replayed=True)
+                again = replace(processed, replayed=True)
                 results.append(parking.replayed(decoded, again))
             continue
         if proposal.renew_leases and index not in aborts:
@@ -222,14 +222,16 @@ async def process_batch(
         else:
             processed = await _decide(store, orchestrator, index, proposal, aborts.get(index))
         processed = parking.mark_parked(decoded, processed)
+        outcome_json = processed.outcome.model_dump_json()
         store.record(
             proposal.proposal_id,
             decoded.body_sha256,
             (proposal.run_kind, proposal.run_id),
             processed.outcome.status.value,
-            processed.outcome.model_dump_json(),
+            outcome_json,
             OUTBOX.dump_json(processed.outbox).decode(),
         )
+        processed = replace(processed, outcome_json=outcome_json)
         settled[proposal.proposal_id] = (decoded.body_sha256, processed)
         results.append(processed)
     await store.flush()

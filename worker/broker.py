@@ -32,29 +32,27 @@ class WriteCoalescer:
     them, a fifth of the worker's CPU in the drain profile. Buffered until the loop's next
     turn (``call_soon``), the frames that a batch's publishes and acks queue together leave
     in one call, in their order; what comes alone waits one loop turn, microseconds.
-    ``close`` flushes first, so a Connection.Close frame written just before is sent."""
+    ``close`` and ``write_eof`` flush first, so a Connection.Close frame written just
+    before is sent.
+
+    It stands between aiormq's ``StreamWriter`` and the transport, passing everything else
+    through, so it works whatever the transport's class: asyncio's, or uvloop's, whose
+    instances take no new attributes (and whose own writes go out one by one)."""
 
     def __init__(self, transport: asyncio.WriteTransport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
-        self._write = transport.write
-        self._close = transport.close
         self._pending: list[bytes] = []
         self.sends = 0  # calls that reached the transport, for tests and measurement
         self.writes = 0
 
-    def install(self) -> bool:
-        """Route the transport's own ``write`` and ``close`` through this coalescer; the
-        stream writer over it calls them by attribute, so it needs no change. A transport
-        whose class takes no instance attributes (``__slots__`` throughout) is left as it
-        is: its writes go out one by one, as aiormq makes them (False)."""
-        transport: Any = self._transport
-        try:
-            transport.write = self.write
-        except AttributeError:
-            return False
-        transport.close = self.close
-        return True
+    def install(self, writer: asyncio.StreamWriter) -> None:
+        """Put this coalescer between ``writer`` and its transport (the writer calls the
+        transport it holds by attribute: ``write``, ``close``, ``is_closing``...)."""
+        writer._transport = self  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.writes += 1
@@ -70,11 +68,15 @@ class WriteCoalescer:
         if self._transport.is_closing():
             return  # the connection is gone: these frames die with it, as unsent ones do
         self.sends += 1
-        self._write(data)
+        self._transport.write(data)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def close(self) -> None:
         self.flush()
-        self._close()
+        self._transport.close()
 
 
 class CoalescingTransportFactory(TransportFactory):
@@ -90,7 +92,8 @@ class CoalescingTransportFactory(TransportFactory):
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         reader, writer = await self._inner.create(url, **kwargs)
         coalescer = WriteCoalescer(writer.transport, asyncio.get_running_loop())
-        self.coalescer = coalescer if coalescer.install() else None
+        coalescer.install(writer)
+        self.coalescer = coalescer
         return reader, writer
 
 

@@ -94,6 +94,7 @@ def mark_parked(decoded: Decoded, processed: Processed) -> Processed:
         processed,
         outcome=outcome.model_copy(update={"details": details}),
         silent=not proposal.wait_notices,
+        outcome_json=None,
     )
 
 

@@ -39,9 +39,12 @@ class Publisher:
         self.topology = topology
         self.channels = channels or ConfirmingChannels([topology.channel])
 
-    async def outcome(self, message: AbstractIncomingMessage, outcome: Outcome) -> None:
-        """The answer to ``message``: to its reply_to, else ``outcome.<kind>.<status>``."""
-        body = outcome.model_dump_json().encode()
+    async def outcome(
+        self, message: AbstractIncomingMessage, outcome: Outcome, outcome_json: str | None = None
+    ) -> None:
+        """The answer to ``message``: to its reply_to, else ``outcome.<kind>.<status>``.
+        ``outcome_json``: the outcome already serialised (as stored), sent as is."""
+        body = (outcome_json or outcome.model_dump_json()).encode()
         properties = spec.Basic.Properties(
             content_type="application/json",
             delivery_mode=PERSISTENT,

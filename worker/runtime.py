@@ -7,8 +7,9 @@ import contextlib
 import importlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -141,3 +142,25 @@ async def build_runtime(settings: Settings) -> AsyncIterator[Runtime]:
                 await asyncio.wait_for(connection.close(), CLOSE_TIMEOUT_S)
             except TimeoutError:
                 log.warning("the broker connection did not close within %.0f s", CLOSE_TIMEOUT_S)
+
+
+T = TypeVar("T")
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``ARBITER_EVENT_LOOP`` names (None: asyncio's default)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise ServiceError("ARBITER_EVENT_LOOP=uvloop, but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], settings: Settings) -> T:
+    """Run ``main`` to completion on the event loop the settings choose."""
+    with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        return runner.run(main)

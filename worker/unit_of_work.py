@@ -31,6 +31,10 @@ class Processed:
     invalid: Invalid | None = None
     # Committed, acked, but not published: a parked WAIT its executor wants no notice of.
     silent: bool = False
+    # ``outcome`` serialised when it was recorded, published as is rather than serialised
+    # again. Set once the outcome is final; a Processed with another outcome must not carry
+    # it. (A replay serialises the stored outcome again: JSONB keeps no key order.)
+    outcome_json: str | None = None
 
 
 def replay(known: ProcessedProposal) -> Processed:

@@ -174,6 +174,32 @@ async def test_a_replay_publishes_the_same_events_again(
     assert json.loads(first.body)["resource"]["prefect.resource.name"] == "r"
 
 
+async def test_the_outcome_published_is_the_one_stored_byte_for_byte(
+    settings: Settings, worker: asyncio.Event
+) -> None:
+    """The outcome is serialised once, when it is recorded, and that JSON is what the
+    executor receives: on the first answer and on a replay alike."""
+    run_id, proposal_id = uuid.uuid4(), uuid.uuid4()
+    body = json.dumps(
+        proposal_body(run_id, StateType.PENDING, proposal_id=proposal_id, run={"name": "r"})
+    ).encode()
+    async with OutcomeTap(settings, "stored.outcome") as outcomes:
+        await publish_raw(settings, body, reply_to="stored.outcome")
+        first = await outcomes.next()
+        await publish_raw(settings, body, reply_to="stored.outcome")
+        replayed = await outcomes.next()
+    engine = create_engine(settings.database_url)
+    try:
+        async with engine.connect() as conn:
+            stored = await PgStore(conn).find_processed(proposal_id)
+    finally:
+        await engine.dispose()
+    assert stored is not None
+    assert Outcome.model_validate_json(first.body).status is OutcomeStatus.ACCEPT
+    assert json.loads(first.body) == json.loads(stored.outcome_json)  # JSONB reorders keys
+    assert replayed.body == first.body
+
+
 async def test_events_lost_to_a_failed_publish_come_with_the_redelivery(
     services: Services, database_url: str
 ) -> None:

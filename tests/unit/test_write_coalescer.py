@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+
+import pytest
 
 from arbiter.worker.broker import WriteCoalescer
 
@@ -27,18 +30,46 @@ class RecordingTransport(asyncio.WriteTransport):
     def is_closing(self) -> bool:
         return self.closing
 
+    def write_eof(self) -> None:
+        self.events.append("eof")
 
-async def _installed() -> tuple[RecordingTransport, WriteCoalescer]:
+    def can_write_eof(self) -> bool:
+        return True
+
+
+_writers: list[asyncio.StreamWriter] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_writers() -> Iterator[None]:
+    """Close every writer a test made (one left open warns when collected)."""
+    yield
+    while _writers:
+        _writers.pop().close()
+
+
+def writer_over(transport: asyncio.WriteTransport) -> asyncio.StreamWriter:
+    """A StreamWriter over ``transport``, as aiormq's transport factory returns one."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    protocol = asyncio.StreamReaderProtocol(reader)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    _writers.append(writer)
+    return writer
+
+
+async def _installed() -> tuple[RecordingTransport, asyncio.StreamWriter, WriteCoalescer]:
     transport = RecordingTransport()
+    writer = writer_over(transport)
     coalescer = WriteCoalescer(transport, asyncio.get_running_loop())
-    coalescer.install()
-    return transport, coalescer
+    coalescer.install(writer)
+    return transport, writer, coalescer
 
 
 async def test_writes_of_one_loop_turn_leave_in_one_send_in_their_order() -> None:
-    transport, coalescer = await _installed()
+    transport, writer, coalescer = await _installed()
     for frame in (b"publish-1", b"publish-2", b"ack"):
-        transport.write(frame)
+        writer.write(frame)
     assert transport.sent == []  # nothing leaves before the loop turns
     await asyncio.sleep(0)
     assert transport.sent == [b"publish-1publish-2ack"]
@@ -46,10 +77,10 @@ async def test_writes_of_one_loop_turn_leave_in_one_send_in_their_order() -> Non
 
 
 async def test_writes_of_later_turns_leave_in_sends_of_their_own() -> None:
-    transport, coalescer = await _installed()
-    transport.write(b"first")
+    transport, writer, coalescer = await _installed()
+    writer.write(b"first")
     await asyncio.sleep(0)
-    transport.write(b"second")
+    writer.write(b"second")
     await asyncio.sleep(0)
     assert transport.sent == [b"first", b"second"]
     assert coalescer.sends == 2
@@ -57,39 +88,58 @@ async def test_writes_of_later_turns_leave_in_sends_of_their_own() -> None:
 
 async def test_close_sends_what_is_pending_before_closing() -> None:
     """aiormq writes Connection.Close and closes soon after: the frame must not be lost."""
-    transport, _ = await _installed()
-    transport.write(b"connection.close")
-    transport.close()
+    transport, writer, _ = await _installed()
+    writer.write(b"connection.close")
+    writer.close()
     assert transport.events == ["send", "close"]
     assert transport.sent == [b"connection.close"]
     await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
     assert transport.sent == [b"connection.close"]
 
 
+async def test_end_of_file_sends_what_is_pending_first() -> None:
+    transport, writer, _ = await _installed()
+    writer.write(b"connection.close")
+    assert writer.can_write_eof()  # passed through to the transport
+    writer.write_eof()
+    assert transport.events == ["send", "eof"]
+
+
 async def test_a_closed_transport_is_not_written_to() -> None:
-    transport, coalescer = await _installed()
-    transport.write(b"late frame")
+    transport, writer, coalescer = await _installed()
+    writer.write(b"late frame")
     transport.closing = True  # the connection died meanwhile
+    assert writer.is_closing()  # asked of the transport itself
     await asyncio.sleep(0)
     assert transport.sent == []
     assert coalescer.sends == 0
 
 
 class SlottedTransport(asyncio.WriteTransport):
-    """A transport whose instances take no new attributes."""
+    """A transport whose instances take no new attributes, as uvloop's do."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("closed", "sent")
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self.closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self.sent.append(bytes(data))
 
+    def is_closing(self) -> bool:
+        return self.closed
 
-async def test_a_transport_that_takes_no_attributes_is_left_writing_directly() -> None:
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_transport_that_takes_no_attributes_is_coalesced_too() -> None:
     transport = SlottedTransport()
-    coalescer = WriteCoalescer(transport, asyncio.get_running_loop())
-    assert coalescer.install() is False
-    transport.write(b"frame")
-    assert transport.sent == [b"frame"]  # written at once, as without the coalescer
+    writer = writer_over(transport)
+    WriteCoalescer(transport, asyncio.get_running_loop()).install(writer)
+    writer.write(b"frame-1")
+    writer.write(b"frame-2")
+    assert transport.sent == []
+    await asyncio.sleep(0)
+    assert transport.sent == [b"frame-1frame-2"]
