@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any
 
 import aio_pika
@@ -22,6 +23,10 @@ __all__ = [
 ]
 
 PERSISTENT = 2  # delivery_mode of every message Arbiter publishes
+# A connection down this many reconnect intervals in a row is asked to reconnect again.
+STALL_INTERVALS = 3
+
+log = logging.getLogger(__name__)
 
 
 class WriteCoalescer:
@@ -98,16 +103,25 @@ class CoalescingTransportFactory(TransportFactory):
 
 
 class ClosingRobustConnection(aio_pika.RobustConnection):
-    """A robust connection that coalesces its writes (``WriteCoalescer``) and closes itself
-    when its first connect fails. aio-pika leaves such a connection open, to be closed from
+    """A robust connection that coalesces its writes (``WriteCoalescer``), closes itself
+    when its first connect fails, and does not stay down for want of a reconnect attempt.
+
+    aio-pika leaves a connection whose first connect failed open, to be closed from
     ``__del__`` as a task on whatever loop runs when it is collected: a task that never runs
-    if that loop has stopped."""
+    if that loop has stopped. And its reconnect loop waits for a signal that the
+    connection's close sends; about once in 40 runs of the network-fault test (aio-pika
+    10.2) the loop was not waiting for it yet, logged "Reconnecting after 5 seconds" and
+    then waited for good, with the broker back. So a watchdog asks for a reconnect when the
+    connection has stayed down for ``STALL_INTERVALS`` reconnect intervals; while aio-pika
+    is trying anyway, the request is one it has already had."""
 
     def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
         # aio-pika passes on only the parameters it knows; aiormq takes this one.
         self.transport_factory = CoalescingTransportFactory(self.url)
         self.kwargs["transport_factory"] = self.transport_factory
+        self._watchdog: asyncio.Task[None] | None = None
+        self.recoveries_requested = 0  # by the watchdog, for tests and logs
 
     async def connect(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the override)
         try:
@@ -116,6 +130,31 @@ class ClosingRobustConnection(aio_pika.RobustConnection):
             with contextlib.suppress(Exception):
                 await self.close()
             raise
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch())
+
+    async def close(self, *args: Any, **kwargs: Any) -> None:
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None and watchdog is not asyncio.current_task():
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+        await super().close(*args, **kwargs)
+
+    async def _watch(self) -> None:
+        down_for = 0
+        while not (self.is_closed or self._close_called):
+            await asyncio.sleep(self.reconnect_interval)
+            down_for = 0 if self.connected.is_set() else down_for + 1
+            if down_for >= STALL_INTERVALS:
+                down_for = 0
+                self.recoveries_requested += 1
+                (log.info if self.recoveries_requested == 1 else log.debug)(
+                    "the broker connection has been down for %d reconnect intervals: "
+                    "asking for a reconnect",
+                    STALL_INTERVALS,
+                )
+                self._request_recovery()
 
 
 class ConfirmingChannels:
