@@ -36,6 +36,17 @@ TERMINAL_TYPES: frozenset[StateTypeOrNone] = frozenset(
 ContextT = TypeVar("ContextT", bound=OrchestrationContext)  # type: ignore[type-arg]
 
 
+_SIGNATURES: dict[type, str] = {}
+
+
+def _signature(rule_class: type) -> str:
+    """How a rule is named in a context's signatures (``str`` of its class), said once."""
+    name = _SIGNATURES.get(rule_class)
+    if name is None:
+        name = _SIGNATURES[rule_class] = str(rule_class)
+    return name
+
+
 def states(*types: StateTypeOrNone) -> frozenset[StateTypeOrNone]:
     return frozenset(types)
 
@@ -71,13 +82,13 @@ class BaseOrchestrationRule(Generic[ContextT]):
             return self.context
         if type(self).before_transition is BaseOrchestrationRule.before_transition:
             # No before-hook: nothing can mutate the proposal, and no copies are needed.
-            self.context.rule_signature.append(str(type(self)))
+            self.context.rule_signature.append(_signature(type(self)))
             return self.context
         entry = self.context.entry_context()
         before = self._proposed_fingerprint()
         try:
             await self.before_transition(*entry)
-            self.context.rule_signature.append(str(type(self)))
+            self.context.rule_signature.append(_signature(type(self)))
         except Exception as exc:
             self.context.proposed_state = None
             self.context.response_status = SetStateStatus.ABORT
@@ -113,7 +124,7 @@ class BaseOrchestrationRule(Generic[ContextT]):
         else:
             if exit_args is not None and finishes:
                 await self.after_transition(*exit_args)
-            self.context.finalization_signature.append(str(type(self)))
+            self.context.finalization_signature.append(_signature(type(self)))
 
     def _overrides_cleanup(self) -> bool:
         return type(self).cleanup is not BaseOrchestrationRule.cleanup
@@ -247,7 +258,7 @@ class BaseUniversalTransform(Generic[ContextT]):
 
     async def __aenter__(self) -> ContextT:
         await self.before_transition(self.context)
-        self.context.rule_signature.append(str(type(self)))
+        self.context.rule_signature.append(_signature(type(self)))
         return self.context
 
     async def __aexit__(
@@ -258,7 +269,7 @@ class BaseUniversalTransform(Generic[ContextT]):
     ) -> None:
         if not await self.exception_in_transition():
             await self.after_transition(self.context)
-            self.context.finalization_signature.append(str(type(self)))
+            self.context.finalization_signature.append(_signature(type(self)))
 
     async def before_transition(self, context: ContextT) -> None:
         """Runs on entry, for every transition."""

@@ -7,7 +7,6 @@ the already locked run, and commits (or rolls back) afterwards.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 from arbiter.rules.context import (
@@ -131,10 +130,31 @@ async def orchestrate(
         *policy.compile_transition_rules(*intended),
         *global_policy.compile_transition_rules(*intended),
     ]
-    async with contextlib.AsyncExitStack() as stack:
-        for rule in rules:
-            context = await stack.enter_async_context(rule(context, *intended))
+    # What ``contextlib.AsyncExitStack`` does, less its bookkeeping (a tenth of the rules'
+    # cost): enter in order; unwind what was entered in reverse, each exit told of the
+    # error raised so far (entering, validating or a later exit), which then propagates.
+    entered = []
+    error: BaseException | None = None
+    try:
+        for rule_class in rules:
+            rule = rule_class(context, *intended)
+            context = await rule.__aenter__()
+            entered.append(rule)
         await context.validate_proposed_state()
+    except BaseException as exc:
+        error = exc
+    for rule in reversed(entered):
+        try:
+            if error is None:
+                await rule.__aexit__(None, None, None)
+            else:
+                await rule.__aexit__(type(error), error, error.__traceback__)
+        except BaseException as exc:
+            if error is not None and exc is not error and exc.__context__ is None:
+                exc.__context__ = error
+            error = exc
+    if error is not None:
+        raise error
     if context.orchestration_error is not None:
         raise context.orchestration_error
     return context.result()
