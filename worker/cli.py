@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from arbiter.worker.logs import configure_logging
-from arbiter.worker.runtime import ServiceError, open_database, run
+from arbiter.worker.runtime import ServiceError, open_database, run, tune_gc
 from arbiter.worker.settings import Settings
 
 
@@ -366,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         if args.command == "worker":
+            tune_gc()
             return run(_worker(settings), settings)
         if args.command == "runs":
             return asyncio.run(_runs_show(settings, args.run_id, args.json))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -164,3 +165,19 @@ def run(main: Coroutine[Any, Any, T], settings: Settings) -> T:
     """Run ``main`` to completion on the event loop the settings choose."""
     with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
         return runner.run(main)
+
+
+# CPython collects its youngest generation every 700 net allocations of container objects.
+# A proposal makes thousands (pydantic models, dicts, coroutines and futures), so a worker
+# ran a collection several times per proposal, scanning objects that live on anyway.
+GC_GEN0_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """For a worker process, once started up: what exists now (modules, settings, pools)
+    is never scanned again (``gc.freeze``), and the youngest generation is collected every
+    ``GC_GEN0_THRESHOLD`` allocations instead of 700 (about 8 % less CPU per proposal at
+    64 per transaction, ``benchmarks/hot_path.py``). Reference cycles are still freed."""
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, older, oldest)
