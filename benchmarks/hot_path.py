@@ -3,9 +3,10 @@
 Runs ``worker.batch.process_batch`` (lock, replay check, orchestrate with the core
 policies, write, record, commit) for task runs PENDING → RUNNING → COMPLETED, ``--batch``
 proposals per transaction (one phase of as many runs), on ``--concurrency`` connections at
-once, and prints proposals/s, the mean time per proposal, the CPU per proposal of this
-process, and the statements per proposal (counted by SQLAlchemy's
-``before_cursor_execute`` event; a multi-row statement counts once).
+once (kept between transactions, as the consumer keeps them; on the worker's event loop
+and with its garbage-collector settings), and prints proposals/s, the mean time per
+proposal, the CPU per proposal of this process, and the statements per proposal (counted
+by SQLAlchemy's ``before_cursor_execute`` event; a multi-row statement counts once).
 
     .venv/bin/python benchmarks/hot_path.py --runs 1000 --concurrency 1 --batch 1
     .venv/bin/python benchmarks/hot_path.py --runs 2048 --concurrency 2 --batch 64
@@ -32,9 +33,9 @@ from arbiter.schemas import StateType
 from arbiter.worker.batch import process_batch
 from arbiter.worker.db.engine import create_engine
 from arbiter.worker.db.migrate import upgrade_async
-from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.db.transaction import HeldConnections, store_transaction
 from arbiter.worker.decode import Decoded, decode_proposal
-from arbiter.worker.runtime import build_orchestrator
+from arbiter.worker.runtime import build_orchestrator, run, tune_gc
 from arbiter.worker.settings import Settings
 from devtools.devservices import provide_services
 
@@ -58,6 +59,7 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
     await upgrade_async(database_url)
     settings = Settings(database_url=database_url)
     engine = create_engine(database_url, pool_size=concurrency)
+    held = HeldConnections(engine)  # as the consumer keeps its connections
     orchestrator = build_orchestrator(settings)
     statements = 0
 
@@ -74,7 +76,7 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
     async def one_batch(run_ids: list[uuid.UUID], state_type: StateType) -> None:
         proposals = [decoded(run_id, state_type) for run_id in run_ids]
         nonlocal statements
-        async with store_transaction(engine) as store:
+        async with store_transaction(engine, generic_plans=True, held=held) as store:
             results = await process_batch(store, orchestrator, proposals)
         statements += store.statements
         for processed in results:
@@ -102,6 +104,7 @@ async def measure(database_url: str, runs: int, concurrency: int, batch: int) ->
     for state_type in LIFECYCLE:
         await phase(batches, state_type)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    await held.close()
     await engine.dispose()
     proposals = runs * len(LIFECYCLE)
     print(
@@ -125,7 +128,9 @@ def main() -> int:
     with provide_services(
         durable=True, amqp_env="ARBITER_AMQP_URL", database_env="ARBITER_DATABASE_URL"
     ) as services:
-        asyncio.run(measure(services.database_url, args.runs, args.concurrency, args.batch))
+        tune_gc()  # as a worker process does, and on its event loop
+        measuring = measure(services.database_url, args.runs, args.concurrency, args.batch)
+        run(measuring, Settings())
     return 0
 
 

@@ -40,7 +40,7 @@ from arbiter.worker.batch import RuleFailed, process_batch
 from arbiter.worker.batching import Batcher
 from arbiter.worker.broker import ConfirmingChannels
 from arbiter.worker.db.store import PgStore, is_transient
-from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.db.transaction import HeldConnections, store_transaction
 from arbiter.worker.decode import Decoded, Invalid, decode_proposal
 from arbiter.worker.diagnostics import describe_tasks
 from arbiter.worker.metrics import WorkerMetrics
@@ -88,6 +88,7 @@ class Consumer:
         )
         self._unsettled = 0  # delivered and not yet acked or given back
         self.acker = Acker()
+        self._held = HeldConnections(engine)  # the batches' connections, kept between them
         self._dispatcher: asyncio.Task[None] | None = None
         self._topology: Topology | None = None
         self._answers: Answers | None = None
@@ -171,10 +172,16 @@ class Consumer:
                     await self._topology.proposals_queue.cancel(self._consumer_tag)
             self._consumer_tag = None
         await self._batcher.settled()
+        await self.close_connections()
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
+
+    async def close_connections(self) -> None:
+        """Return the connections kept between batches to the pool (one still in use goes
+        back when its batch ends)."""
+        await self._held.close()
 
     def describe_unsettled(self) -> str:
         """Where each batch still unsettled waits, and every other task of the loop: what a
@@ -322,7 +329,8 @@ class Consumer:
         while True:
             store: PgStore | None = None
             try:
-                async with store_transaction(self.engine, generic_plans=True) as store:
+                transaction = store_transaction(self.engine, generic_plans=True, held=self._held)
+                async with transaction as store:
                     results = await process_batch(store, self.orchestrator, batch, aborts)
                 self.metrics.batch_size.observe(len(batch))
                 return results

@@ -102,6 +102,7 @@ async def _consume_until_stopped(
                 consumer.unsettled,
             )
             log.info("stopping: the unsettled batches wait at\n%s", consumer.describe_unsettled())
+            await consumer.close_connections()
         # Between passes: a pass cut off mid-transaction would leave its connection behind.
         for passes, task in ((purges, purger), (reevaluator.passes, parked)):
             await passes.stop(task, BACKGROUND_STOP_S)

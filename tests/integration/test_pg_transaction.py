@@ -10,10 +10,11 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from arbiter.rules.errors import StoreError
 from arbiter.worker.db.engine import create_engine
-from arbiter.worker.db.transaction import store_transaction
+from arbiter.worker.db.transaction import HeldConnections, store_transaction
 
 pytestmark = pytest.mark.integration
 
@@ -122,3 +123,97 @@ async def test_a_pooled_connection_that_died_idle_is_retryable_and_replaced(
         await use()
     assert caught.value.retryable
     await use()
+
+
+# -- connections a consumer keeps between its transactions ------------------------------------
+
+
+def checked_out(engine: AsyncEngine) -> int:
+    """Connections out of the engine's pool (a QueuePool)."""
+    pool = engine.pool
+    assert isinstance(pool, AsyncAdaptedQueuePool)
+    return pool.checkedout()
+
+
+async def server_pid(engine: AsyncEngine, held: HeldConnections) -> int:
+    async with store_transaction(engine, held=held) as store:
+        assert store._driver is not None
+        await store.lock_tag_limits(["any"])
+        return store._driver.get_server_pid()
+
+
+async def test_held_connections_serve_transaction_after_transaction_on_one_connection(
+    engine: AsyncEngine,
+) -> None:
+    held = HeldConnections(engine)
+    try:
+        first = await server_pid(engine, held)
+        assert await server_pid(engine, held) == first
+        assert (held.idle, checked_out(engine)) == (1, 1)  # kept out of the pool
+        tag = uuid.uuid4().hex
+        async with store_transaction(engine, held=held) as store:
+            await store.upsert_tag_limit(tag, 2)
+    finally:
+        await held.close()
+    assert checked_out(engine) == 0
+    assert await tag_exists(engine, tag)  # committed on the held connection
+
+
+async def test_a_block_that_raises_rolls_back_and_the_connection_is_kept(
+    engine: AsyncEngine,
+) -> None:
+    held = HeldConnections(engine)
+    tag = uuid.uuid4().hex
+
+    class Boom(Exception):
+        pass
+
+    try:
+        pid = await server_pid(engine, held)
+
+        async def write_then_fail() -> None:
+            async with store_transaction(engine, held=held) as store:
+                await store.upsert_tag_limit(tag, 2)
+                raise Boom
+
+        with pytest.raises(Boom):
+            await write_then_fail()
+        assert await server_pid(engine, held) == pid  # rolled back cleanly: reusable
+    finally:
+        await held.close()
+    assert not await tag_exists(engine, tag)
+
+
+async def test_a_held_connection_killed_mid_transaction_is_not_kept(
+    engine: AsyncEngine, database_url: str
+) -> None:
+    held = HeldConnections(engine)
+    killer = create_engine(database_url, pool_size=1)
+    try:
+        pid = await server_pid(engine, held)
+
+        async def killed_midway() -> None:
+            async with store_transaction(engine, held=held) as store:
+                async with killer.connect() as conn:
+                    await conn.execute(sa.text(f"SELECT pg_terminate_backend({pid})"))
+                await store.lock_tag_limits(["any"])
+
+        with pytest.raises(StoreError) as caught:
+            await killed_midway()
+        assert caught.value.retryable
+        assert held.idle == 0
+        assert await server_pid(engine, held) != pid
+    finally:
+        await held.close()
+        await killer.dispose()
+
+
+async def test_a_connection_in_use_when_closing_goes_back_to_the_pool_when_done(
+    engine: AsyncEngine,
+) -> None:
+    held = HeldConnections(engine)
+    async with store_transaction(engine, held=held) as store:
+        await held.close()
+        await store.lock_tag_limits(["any"])  # the transaction in flight is not disturbed
+        assert checked_out(engine) == 1
+    assert (held.idle, checked_out(engine)) == (0, 0)

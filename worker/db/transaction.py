@@ -29,7 +29,7 @@ from arbiter.rules.errors import StoreError
 from arbiter.worker.db.errors import translate_db_error
 from arbiter.worker.db.store import PgStore
 
-__all__ = ["store_transaction"]
+__all__ = ["HeldConnections", "store_transaction"]
 
 T = TypeVar("T")
 
@@ -37,36 +37,100 @@ _BEGIN = "BEGIN;"
 _BEGIN_GENERIC_PLANS = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;"
 
 
+class HeldConnections:
+    """Pooled connections a consumer keeps checked out between its transactions.
+
+    Taking a connection from SQLAlchemy's async pool and giving it back costs two greenlet
+    switches and the pool's bookkeeping: 140-220 µs of CPU here with no round trip, about
+    a tenth of what a batch of one proposal costs the worker. The consumer's transactions
+    take theirs from here instead: checked out once (in autocommit mode, so that the
+    transaction is asyncpg's, see above), kept after a clean COMMIT or ROLLBACK, and
+    closed (back to the pool, or discarded if invalidated) after anything else. ``close``
+    returns the idle ones; one still in use is closed when its transaction ends."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._idle: list[tuple[AsyncConnection, Connection]] = []
+        self._closed = False
+
+    async def take(self) -> tuple[AsyncConnection, Connection]:
+        if self._idle:
+            return self._idle.pop()
+        conn = await self.engine.connect()
+        try:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+        except BaseException:
+            await conn.close()
+            raise
+        return conn, driver
+
+    async def give_back(self, conn: AsyncConnection, driver: Connection) -> None:
+        reusable = not (conn.invalidated or driver.is_closed() or driver.is_in_transaction())
+        if reusable and not self._closed:
+            self._idle.append((conn, driver))
+        else:
+            await conn.close()
+
+    @property
+    def idle(self) -> int:
+        return len(self._idle)
+
+    async def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            conn, _ = self._idle.pop()
+            await conn.close()
+
+
 @contextlib.asynccontextmanager
 async def store_transaction(
-    engine: AsyncEngine, *, generic_plans: bool = False
+    engine: AsyncEngine, *, generic_plans: bool = False, held: HeldConnections | None = None
 ) -> AsyncIterator[PgStore]:
     """A ``PgStore`` in a new transaction, committed when the block ends, rolled back if it
     raises. Database failures, the commit's included, come out as ``StoreError``; a
     connection they broke is invalidated, never handed out again, and the failure is
     retryable (a new transaction gets a new connection). ``generic_plans``: the
-    transaction's prepared statements use their generic plans (see above)."""
+    transaction's prepared statements use their generic plans (see above). ``held``: the
+    connection comes from there (and goes back) instead of from the pool."""
     try:
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
-            begin = _BEGIN_GENERIC_PLANS if generic_plans else _BEGIN
-            await _settling(conn, driver, _begin(driver, begin))
+        if held is None:
+            async with engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None
+                async with _transaction(conn, driver, generic_plans) as store:
+                    yield store
+        else:
+            conn, driver = await held.take()
             try:
-                yield PgStore(conn, driver=driver)
-            except BaseException as exc:
-                if driver.is_closed():
-                    await conn.invalidate(exc if isinstance(exc, Exception) else None)
-                else:
-                    await _settling(conn, driver, driver.execute("ROLLBACK;"))
-                raise
-            await _settling(conn, driver, driver.execute("COMMIT;"))
+                async with _transaction(conn, driver, generic_plans) as store:
+                    yield store
+            finally:
+                await held.give_back(conn, driver)
     except Exception as exc:
         error = translate_db_error(exc)
         if error is None or error is exc:
             raise
         raise error from exc
+
+
+@contextlib.asynccontextmanager
+async def _transaction(
+    conn: AsyncConnection, driver: Connection, generic_plans: bool
+) -> AsyncIterator[PgStore]:
+    begin = _BEGIN_GENERIC_PLANS if generic_plans else _BEGIN
+    await _settling(conn, driver, _begin(driver, begin))
+    try:
+        yield PgStore(conn, driver=driver)
+    except BaseException as exc:
+        if driver.is_closed():
+            await conn.invalidate(exc if isinstance(exc, Exception) else None)
+        else:
+            await _settling(conn, driver, driver.execute("ROLLBACK;"))
+        raise
+    await _settling(conn, driver, driver.execute("COMMIT;"))
 
 
 async def _begin(driver: Connection, query: str) -> None:
