@@ -214,7 +214,12 @@ async def process_batch(
                 message = f"proposal {proposal.proposal_id} was already processed with another body"
                 results.append(_refusal(proposal, ErrorCode.PROPOSAL_ID_CONFLICT, message))
             else:
-                again = replace(processed, replayed=True)
+                again = Processed(
+                    processed.outcome,
+                    processed.outbox,
+                    replayed=True,
+                    outcome_json=processed.outcome_json,
+                )
                 results.append(parking.replayed(decoded, again))
             continue
         if proposal.renew_leases and index not in aborts:

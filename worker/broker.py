@@ -109,11 +109,12 @@ class ClosingRobustConnection(aio_pika.RobustConnection):
     aio-pika leaves a connection whose first connect failed open, to be closed from
     ``__del__`` as a task on whatever loop runs when it is collected: a task that never runs
     if that loop has stopped. And its reconnect loop waits for a signal that the
-    connection's close sends; about once in 40 runs of the network-fault test (aio-pika
-    10.2) the loop was not waiting for it yet, logged "Reconnecting after 5 seconds" and
-    then waited for good, with the broker back. So a watchdog asks for a reconnect when the
-    connection has stayed down for ``STALL_INTERVALS`` reconnect intervals; while aio-pika
-    is trying anyway, the request is one it has already had."""
+    connection's close sends: about once in 40 runs of the network-fault test (aio-pika
+    10.2) a worker logged "Reconnecting after 5 seconds" and then waited for good with the
+    broker back, as if the signal had been lost (the likeliest reading; never caught in the
+    act). So a watchdog asks for a reconnect when the connection has stayed down for
+    ``STALL_INTERVALS`` reconnect intervals; while aio-pika is trying anyway, the request is
+    one it has already had."""
 
     def __init__(self, url: URL, *args: Any, **kwargs: Any) -> None:
         super().__init__(url, *args, **kwargs)
