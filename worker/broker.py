@@ -25,6 +25,10 @@ __all__ = [
 PERSISTENT = 2  # delivery_mode of every message Arbiter publishes
 # A connection down this many reconnect intervals in a row is asked to reconnect again.
 STALL_INTERVALS = 3
+# The longest one publish may take, its write and its confirm. aiormq queues a frame for
+# its connection's writer; a publish begun just before the connection died waited on that
+# queue for good (its writer gone), and held a stopping worker's drain until SIGKILL.
+PUBLISH_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -203,4 +207,5 @@ class ConfirmingChannels:
             properties=properties,
             mandatory=mandatory,
             wait=False,
+            timeout=PUBLISH_TIMEOUT_S,
         )

@@ -90,9 +90,9 @@ async def _consume_until_stopped(
         await stop.wait()
         health.stopping()
         log.info("stopping: draining %d in-flight proposals", consumer.unsettled)
-        try:
-            await asyncio.wait_for(consumer.drain(), settings.shutdown_timeout_s)
-        except TimeoutError:
+        draining = asyncio.create_task(consumer.drain())
+        await asyncio.wait({draining}, timeout=settings.shutdown_timeout_s)
+        if not draining.done():
             # Typically the broker is unreachable. Nothing is lost: whatever was not acked
             # is redelivered to another worker, and committed work replays its outcome.
             log.warning(
@@ -101,8 +101,13 @@ async def _consume_until_stopped(
                 settings.shutdown_timeout_s,
                 consumer.unsettled,
             )
+            # Before cancelling the drain, so that where it waits is in the dump too.
             log.info("stopping: the unsettled batches wait at\n%s", consumer.describe_unsettled())
+            draining.cancel()
+            await asyncio.gather(draining, return_exceptions=True)
             await consumer.close_connections()
+        elif (error := draining.exception()) is not None:
+            raise error
         # Between passes: a pass cut off mid-transaction would leave its connection behind.
         for passes, task in ((purges, purger), (reevaluator.passes, parked)):
             await passes.stop(task, BACKGROUND_STOP_S)

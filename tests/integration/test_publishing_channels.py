@@ -12,6 +12,7 @@ import pytest
 from aiormq import spec
 
 from arbiter.rules.context import OutboxMessage
+from arbiter.worker import broker
 from arbiter.worker.broker import PERSISTENT, ClosingRobustConnection, ConfirmingChannels
 from arbiter.worker.publisher import Publisher
 from arbiter.worker.settings import Settings
@@ -93,6 +94,33 @@ async def test_a_publish_on_a_closed_channel_fails_for_the_caller_to_retry(
                 topology.outcomes_exchange, b"{}", spec.Basic.Properties(), "nowhere"
             )
     finally:
+        await connection.close()
+
+
+async def test_a_publish_whose_frame_cannot_leave_fails_after_the_bound(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A publish begun just before its connection died waited for good on aiormq's write
+    queue, whose writer was gone (a stopping worker's drain then hung until SIGKILL). It now
+    fails after ``PUBLISH_TIMEOUT_S``, for the caller to retry on the restored channel."""
+    monkeypatch.setattr(broker, "PUBLISH_TIMEOUT_S", 0.3)
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        underlay = await channel.get_underlay_channel()
+        stuck: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+        stuck.put_nowait(object())  # full, and nothing will ever take from it
+        monkeypatch.setattr(underlay, "write_queue", stuck)
+        began = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await ConfirmingChannels([channel]).publish(
+                "", b"{}", spec.Basic.Properties(delivery_mode=PERSISTENT), "nowhere"
+            )
+        assert time.monotonic() - began < 3.0
+    finally:
+        monkeypatch.undo()
         await connection.close()
 
 

@@ -1,7 +1,8 @@
 """Network faults between a worker and its servers: nothing lost, nothing doubled.
 
 The worker process reaches RabbitMQ and PostgreSQL only through TCP proxies that abort
-every open connection, again and again, while 360 proposals are in flight. The broker
+every open connection, again and again, while proposals are in flight (360 at least, and
+until each server's live connections were cut twice). The broker
 connection is re-established by aio-pika (unacked deliveries come back and are
 replayed); a dead database connection fails its statement with a retryable error and
 the transaction is retried on a new one.
@@ -26,9 +27,13 @@ from tests.fixtures.proxy import CuttableProxy, proxy_for
 pytestmark = pytest.mark.system
 
 LIFECYCLE = (StateType.PENDING, StateType.RUNNING, StateType.COMPLETED)
-RUNS = 120  # 360 proposals
+RUNS = 120  # 360 proposals at least
 IN_FLIGHT_RUNS = 24
 CUT_EVERY_S = 0.8
+# Cuts that aborted live connections, of each server, before the executors may stop: a
+# fast pool settles 360 proposals in a second or two, before the first cut.
+MIN_EFFECTIVE_CUTS = 2
+MAX_RUNS = RUNS * 20
 
 
 async def drive(client: ArbiterClient, run_id: uuid.UUID, done: list[int]) -> list[OutcomeStatus]:
@@ -46,13 +51,19 @@ async def drive(client: ArbiterClient, run_id: uuid.UUID, done: list[int]) -> li
     return statuses
 
 
-async def keep_cutting(proxies: list[CuttableProxy], stop: asyncio.Event) -> int:
-    """Abort every proxied connection, alternating servers, until ``stop``; returns how many."""
+async def keep_cutting(
+    proxies: list[CuttableProxy], stop: asyncio.Event, effective: list[int]
+) -> int:
+    """Abort every proxied connection, alternating servers, until ``stop``; returns how many.
+    ``effective[i]`` counts the cuts of ``proxies[i]`` that aborted a live connection."""
     aborted = 0
     turn = 0
     while not stop.is_set():
         await asyncio.sleep(CUT_EVERY_S)
-        aborted += proxies[turn % len(proxies)].cut()
+        index = turn % len(proxies)
+        links = proxies[index].cut()
+        effective[index] += 1 if links else 0
+        aborted += links
         turn += 1
     return aborted
 
@@ -64,8 +75,16 @@ async def test_connections_cut_again_and_again_lose_nothing_and_double_nothing(
     """Every proposal is answered ACCEPT, every run has exactly its three states and three
     processed ids, though both of the worker's connections kept dying under it."""
     # Both sides declare the queue, so they must agree on its arguments (delivery limit).
+    # The worker's drain is bounded well inside the 30 s the pool waits before SIGKILL: a
+    # cut just before SIGTERM can hold a drain past 12 s (README, "Notes and deviations"),
+    # and a drain that gives up still exits 0, its deliveries redelivered.
     settings = settings.model_copy(
-        update={"lock_timeout_s": 2.0, "delivery_limit": 1000, "retry_max_wait_s": 0.5}
+        update={
+            "lock_timeout_s": 2.0,
+            "delivery_limit": 1000,
+            "retry_max_wait_s": 0.5,
+            "shutdown_timeout_s": 10.0,
+        }
     )
     async with proxy_for(settings.amqp_url) as broker, proxy_for(settings.database_url) as db:
         flaky = settings.model_copy(
@@ -74,28 +93,34 @@ async def test_connections_cut_again_and_again_lose_nothing_and_double_nothing(
                 "database_url": db.url_through(settings.database_url),
             }
         )
-        run_ids = [uuid.uuid4() for _ in range(RUNS)]
+        run_ids: list[uuid.UUID] = []
         done = [0]
-        slots = asyncio.Semaphore(IN_FLIGHT_RUNS)
+        effective = [0, 0]
 
-        async def bounded(run_id: uuid.UUID) -> list[OutcomeStatus]:
-            async with slots:
-                return await drive(client, run_id, done)
+        async def executor() -> list[list[OutcomeStatus]]:
+            """Drives runs one after another until enough of them ran through enough cuts."""
+            statuses = []
+            while len(run_ids) < MAX_RUNS and (
+                len(run_ids) < RUNS or min(effective) < MIN_EFFECTIVE_CUTS
+            ):
+                run_ids.append(run_id := uuid.uuid4())
+                statuses.append(await drive(client, run_id, done))
+            return statuses
 
         with WorkerPool(flaky, tmp_path, concurrency=8) as pool:
             pool.start()
             async with ArbiterClient.connect(settings=settings) as client:  # direct, not cut
                 stop = asyncio.Event()
-                cutter = asyncio.create_task(keep_cutting([broker, db], stop))
-                results = await asyncio.gather(*(bounded(run_id) for run_id in run_ids))
+                cutter = asyncio.create_task(keep_cutting([broker, db], stop, effective))
+                driven = await asyncio.gather(*(executor() for _ in range(IN_FLIGHT_RUNS)))
+                results = [statuses for each in driven for statuses in each]
                 stop.set()
                 aborted = await cutter
             # The proxies run on this loop: stop the pool from a thread so they keep serving.
             codes = await asyncio.to_thread(pool.stop)
         log = (tmp_path / "worker-0.log").read_text()
 
-    assert broker.cuts >= 2, "the run ended before the broker connection was cut"
-    assert db.cuts >= 2, "the run ended before the database connections were cut"
+    assert min(effective) >= MIN_EFFECTIVE_CUTS, "the runs ended before enough cuts"
     assert aborted > 0
     assert "Reconnecting" in log
     assert all(statuses == [OutcomeStatus.ACCEPT] * 3 for statuses in results)
@@ -123,7 +148,7 @@ async def test_connections_cut_again_and_again_lose_nothing_and_double_nothing(
     finally:
         await engine.dispose()
     assert counts == dict.fromkeys(ids, 3)
-    assert processed == RUNS * len(LIFECYCLE)
+    assert processed == len(run_ids) * len(LIFECYCLE)
 
 
 @pytest.mark.timeout(120)
