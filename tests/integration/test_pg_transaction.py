@@ -34,6 +34,12 @@ async def tag_exists(engine: AsyncEngine, tag: str) -> bool:
         return found.first() is not None
 
 
+async def terminate(killer: AsyncEngine, pid: int) -> None:
+    """End the server process ``pid`` serves a connection from, as a network cut would."""
+    async with killer.connect() as conn:
+        await conn.execute(sa.text(f"SELECT pg_terminate_backend({pid})"))
+
+
 async def test_what_the_block_writes_is_committed_when_it_ends(engine: AsyncEngine) -> None:
     tag = uuid.uuid4().hex
     async with store_transaction(engine) as store:
@@ -91,8 +97,7 @@ async def test_a_connection_killed_mid_transaction_is_retryable_and_not_reused(
             async with store_transaction(engine) as store:
                 assert store._driver is not None
                 pid = store._driver.get_server_pid()
-                async with killer.connect() as conn:
-                    await conn.execute(sa.text(f"SELECT pg_terminate_backend({pid})"))
+                await terminate(killer, pid)
                 await store.lock_tag_limits(["any"])
 
         with pytest.raises(StoreError) as caught:
@@ -194,8 +199,7 @@ async def test_a_held_connection_killed_mid_transaction_is_not_kept(
 
         async def killed_midway() -> None:
             async with store_transaction(engine, held=held) as store:
-                async with killer.connect() as conn:
-                    await conn.execute(sa.text(f"SELECT pg_terminate_backend({pid})"))
+                await terminate(killer, pid)
                 await store.lock_tag_limits(["any"])
 
         with pytest.raises(StoreError) as caught:

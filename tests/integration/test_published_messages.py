@@ -154,6 +154,17 @@ async def test_a_deferred_task_run_is_enqueued_by_its_task_key(
     assert body["retry"] is False
 
 
+async def answered_twice(
+    settings: Settings, body: bytes, reply_to: str
+) -> tuple[AbstractIncomingMessage, AbstractIncomingMessage]:
+    """Publish ``body`` and await its answer, twice: the first answer and the replay."""
+    async with OutcomeTap(settings, reply_to) as outcomes:
+        await publish_raw(settings, body, reply_to=reply_to)
+        first = await outcomes.next()
+        await publish_raw(settings, body, reply_to=reply_to)
+        return first, await outcomes.next()
+
+
 async def test_a_replay_publishes_the_same_events_again(
     settings: Settings, events: OutcomeTap
 ) -> None:
@@ -163,11 +174,7 @@ async def test_a_replay_publishes_the_same_events_again(
     body = json.dumps(
         proposal_body(run_id, StateType.PENDING, proposal_id=proposal_id, run={"name": "r"})
     ).encode()
-    async with OutcomeTap(settings, "replay.events") as outcomes:
-        await publish_raw(settings, body, reply_to="replay.events")
-        await outcomes.next()
-        await publish_raw(settings, body, reply_to="replay.events")
-        await outcomes.next()
+    await answered_twice(settings, body, "replay.events")
     first, second = await drain(events)
     assert first.message_id == second.message_id
     assert json.loads(first.body) == json.loads(second.body)
@@ -183,11 +190,7 @@ async def test_the_outcome_published_is_the_one_stored_byte_for_byte(
     body = json.dumps(
         proposal_body(run_id, StateType.PENDING, proposal_id=proposal_id, run={"name": "r"})
     ).encode()
-    async with OutcomeTap(settings, "stored.outcome") as outcomes:
-        await publish_raw(settings, body, reply_to="stored.outcome")
-        first = await outcomes.next()
-        await publish_raw(settings, body, reply_to="stored.outcome")
-        replayed = await outcomes.next()
+    first, replayed = await answered_twice(settings, body, "stored.outcome")
     engine = create_engine(settings.database_url)
     try:
         async with engine.connect() as conn:
