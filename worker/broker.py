@@ -14,6 +14,8 @@ from aiormq import spec
 from aiormq.connection import TCPTransportFactory, TLSTransportFactory, TransportFactory
 from yarl import URL
 
+from arbiter.worker.frames import can_send_now, send_publish, widen_write_queue
+
 __all__ = [
     "PERSISTENT",
     "ClosingRobustConnection",
@@ -172,9 +174,12 @@ class ConfirmingChannels:
     aiormq with ``wait=False`` the lock is held only to queue the frame, and a channel
     still admits one publish per turn; over several channels the frames of one turn queue
     together and the connection's ``WriteCoalescer`` sends them at once (publishing CPU
-    175 → 100 µs a message with 8 channels). The confirm is still awaited: a frame lost
-    with the connection fails it, and the caller retries. Properties are built directly
-    (``aio_pika.Message`` costs 13 µs, ``spec.Basic.Properties`` 1 µs)."""
+    175 → 100 µs a message with 8 channels). A publish is now encoded and queued by
+    ``worker/frames.py`` instead, in the same call (about 140 → 70 µs in a loop of
+    confirmed publishes); behind a publish or RPC of aiormq's own it takes aiormq's path.
+    The confirm is still awaited: a frame lost with the connection fails it, and the caller
+    retries. Properties are built directly (``aio_pika.Message`` costs 13 µs,
+    ``spec.Basic.Properties`` 1 µs)."""
 
     def __init__(self, channels: list[AbstractChannel]) -> None:
         assert channels, "at least one channel"
@@ -200,6 +205,15 @@ class ConfirmingChannels:
             raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
         underlay = await channel.get_underlay_channel()
         assert isinstance(underlay, aiormq.Channel)
+        widen_write_queue(underlay)
+        if can_send_now(underlay):
+            confirmation = send_publish(
+                underlay, exchange, routing_key, properties, body, mandatory=mandatory
+            )
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await confirmation
+            return
+        # Behind a publish or an RPC of aiormq's own, or a full write queue: in its turn.
         await underlay.basic_publish(
             body,
             exchange=exchange,

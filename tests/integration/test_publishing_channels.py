@@ -8,6 +8,7 @@ import time
 import uuid
 
 import aio_pika
+import aiormq
 import pytest
 from aiormq import spec
 
@@ -151,5 +152,50 @@ async def test_an_event_nobody_subscribes_to_is_not_returned_but_a_lost_task_run
         )
         await asyncio.sleep(0.2)  # a Basic.Return precedes its confirm; allow for the callback
         assert returned == [unbound]  # the task run's, not the event's
+    finally:
+        await connection.close()
+
+
+async def test_each_publish_gets_its_own_confirm_whichever_path_it_took(
+    settings: Settings,
+) -> None:
+    """Publishes queued directly (``worker/frames.py``) and publishes that went through
+    aiormq's own path (its channel lock held) share one channel's delivery tags. A queue
+    that takes 8 messages and nacks the rest shows each confirm reached its own publish:
+    the publishes confirmed are exactly the messages the queue holds."""
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(
+            exclusive=True, arguments={"x-max-length": 8, "x-overflow": "reject-publish"}
+        )
+        channels = ConfirmingChannels([channel])
+        underlay = await channel.get_underlay_channel()
+        lock = underlay._Channel__lock  # type: ignore[attr-defined]
+
+        async def publish(number: int) -> bool:
+            try:
+                await channels.publish(
+                    "",
+                    str(number).encode(),
+                    spec.Basic.Properties(delivery_mode=PERSISTENT, message_id=str(number)),
+                    queue.name,
+                )
+            except aiormq.exceptions.DeliveryError:
+                return False
+            return True
+
+        await lock.acquire()  # the first six wait behind it, on aiormq's path
+        waiting = [asyncio.create_task(publish(number)) for number in range(6)]
+        await asyncio.sleep(0.05)
+        lock.release()
+        direct = [asyncio.create_task(publish(number)) for number in range(6, 16)]
+        confirmed = await asyncio.gather(*waiting, *direct)
+
+        assert sum(confirmed) == 8
+        held = sorted(int(message.body) for message in await _empty(queue))
+        assert held == [number for number, ok in enumerate(confirmed) if ok]
     finally:
         await connection.close()
