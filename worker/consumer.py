@@ -144,7 +144,10 @@ class Consumer:
             self.acker,
         )
         self._dispatcher = asyncio.create_task(self._batcher.run())
-        self._consumer_tag = await topology.proposals_queue.consume(self._on_delivery)
+        # aio-pika types the callback as async, and calls a plain one as well.
+        self._consumer_tag = await topology.proposals_queue.consume(
+            self._on_delivery,  # type: ignore[arg-type]
+        )
         log.info(
             "consuming %s (prefetch %d, %d batches of up to %d at once)",
             self.settings.proposals_queue,
@@ -188,7 +191,8 @@ class Consumer:
         drain that timed out waited for."""
         return describe_tasks(self._batcher.in_flight)
 
-    async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+    def _on_delivery(self, message: AbstractIncomingMessage) -> None:
+        # Plain, not async: aio-pika then calls it from the loop without a task of its own.
         self._unsettled += 1
         self.acker.delivered(message)
         self.metrics.in_flight.inc()
