@@ -37,9 +37,9 @@ class Settings(BaseSettings):
     # worker is idle or its window is full). See worker/batching.py.
     batch_max: int = Field(default=64, ge=1)
     batch_wait_ms: float = Field(default=50.0, ge=0)
-    # Confirming channels a worker publishes outcomes on, in turn: aiormq writes one frame
-    # per channel per loop turn, so more channels let a batch's answers leave together.
-    publish_channels: int = Field(default=8, ge=1)
+    # Confirming channels a worker publishes outcomes on, in turn. A batch's answers leave
+    # together on one (worker/frames.py), and one channel's confirms come back coalesced.
+    publish_channels: int = Field(default=1, ge=1)
     max_message_bytes: int = Field(default=256 * 1024, ge=1024)
     db_pool_size: int = Field(default=10, ge=1)
     retry_attempts: int = Field(default=5, ge=1)
