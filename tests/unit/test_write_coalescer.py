@@ -1,4 +1,6 @@
-"""The AMQP connection's writes: those made in one event-loop turn leave in one send."""
+"""The AMQP connection's writes: those made in one event-loop turn, and in the turns right
+after it, leave in one send once the loop turns without a new write (or after
+``MAX_DEFERRALS`` busy turns)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from arbiter.worker.broker import WriteCoalescer
+from arbiter.worker.broker import MAX_DEFERRALS, WriteCoalescer
 
 
 class RecordingTransport(asyncio.WriteTransport):
@@ -58,6 +60,12 @@ def writer_over(transport: asyncio.WriteTransport) -> asyncio.StreamWriter:
     return writer
 
 
+async def turns(count: int) -> None:
+    """Let the event loop go round ``count`` times."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def _installed() -> tuple[RecordingTransport, asyncio.StreamWriter, WriteCoalescer]:
     transport = RecordingTransport()
     writer = writer_over(transport)
@@ -71,17 +79,41 @@ async def test_writes_of_one_loop_turn_leave_in_one_send_in_their_order() -> Non
     for frame in (b"publish-1", b"publish-2", b"ack"):
         writer.write(frame)
     assert transport.sent == []  # nothing leaves before the loop turns
-    await asyncio.sleep(0)
+    await turns(2)  # one turn to see no new write, one to send
     assert transport.sent == [b"publish-1publish-2ack"]
     assert (coalescer.writes, coalescer.sends) == (3, 1)
 
 
-async def test_writes_of_later_turns_leave_in_sends_of_their_own() -> None:
+async def test_writes_of_the_turns_right_after_join_the_same_send() -> None:
+    """Outcomes read in one burst wake their executors over a few turns: their publishes
+    still leave together."""
+    transport, writer, coalescer = await _installed()
+    for frame in (b"first", b"second", b"third"):
+        writer.write(frame)
+        await asyncio.sleep(0)
+    assert transport.sent == []
+    await turns(2)
+    assert transport.sent == [b"firstsecondthird"]
+    assert coalescer.sends == 1
+
+
+async def test_a_write_every_turn_is_still_sent_after_a_few_turns() -> None:
+    transport, writer, _ = await _installed()
+    for number in range(3 * (MAX_DEFERRALS + 1)):
+        writer.write(b"%d," % number)
+        await asyncio.sleep(0)
+    await turns(2)
+    assert len(transport.sent) >= 3  # never held back for long
+    assert transport.sent[0] == b"".join(b"%d," % n for n in range(MAX_DEFERRALS + 1))
+    assert b"".join(transport.sent) == b"".join(b"%d," % n for n in range(3 * (MAX_DEFERRALS + 1)))
+
+
+async def test_writes_after_a_quiet_turn_leave_in_sends_of_their_own() -> None:
     transport, writer, coalescer = await _installed()
     writer.write(b"first")
-    await asyncio.sleep(0)
+    await turns(2)
     writer.write(b"second")
-    await asyncio.sleep(0)
+    await turns(2)
     assert transport.sent == [b"first", b"second"]
     assert coalescer.sends == 2
 
@@ -93,7 +125,7 @@ async def test_close_sends_what_is_pending_before_closing() -> None:
     writer.close()
     assert transport.events == ["send", "close"]
     assert transport.sent == [b"connection.close"]
-    await asyncio.sleep(0)  # the scheduled flush finds nothing left to send
+    await turns(2)  # the scheduled flush finds nothing left to send
     assert transport.sent == [b"connection.close"]
 
 
@@ -110,7 +142,7 @@ async def test_a_closed_transport_is_not_written_to() -> None:
     writer.write(b"late frame")
     transport.closing = True  # the connection died meanwhile
     assert writer.is_closing()  # asked of the transport itself
-    await asyncio.sleep(0)
+    await turns(2)
     assert transport.sent == []
     assert coalescer.sends == 0
 
@@ -141,5 +173,5 @@ async def test_a_transport_that_takes_no_attributes_is_coalesced_too() -> None:
     writer.write(b"frame-1")
     writer.write(b"frame-2")
     assert transport.sent == []
-    await asyncio.sleep(0)
+    await turns(2)
     assert transport.sent == [b"frame-1frame-2"]
