@@ -100,7 +100,7 @@ async def test_a_channel_refused_by_a_connection_that_just_died_is_retried(
 
         async def channel(self, *args: Any, **kwargs: Any) -> Any:
             self.opened += 1
-            if self.opened == 3 and self.failures:  # a publishing channel
+            if self.opened == 2 and self.failures:  # the first publishing channel
                 self.failures -= 1
                 raise RuntimeError('<Connection: "amqp://127.0.0.1:5672/" at 0x7f> closed')
             return await self._connection.channel(*args, **kwargs)
