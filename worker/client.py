@@ -87,15 +87,13 @@ class ArbiterClient:
         self._topology = await declare_topology(self._channel, self._settings)
         queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(self._topology.outcomes_exchange, routing_key=self._reply_key)
-        # aio-pika types the callback as async, and calls a plain one as well.
-        await queue.consume(self._on_outcome, no_ack=True)  # type: ignore[arg-type]
+        await queue.consume(self._on_outcome, no_ack=True)
         # Proposals of concurrent executors leave together (``ConfirmingChannels``).
         self._proposals = await ConfirmingChannels.open(
             self._connection, self._settings.publish_channels
         )
 
-    def _on_outcome(self, message: AbstractIncomingMessage) -> None:
-        # Plain, not async: aio-pika then calls it from the loop without a task of its own.
+    async def _on_outcome(self, message: AbstractIncomingMessage) -> None:
         outcome = Outcome.model_validate_json(message.body)
         proposal_id = outcome.proposal_id
         if proposal_id is None:

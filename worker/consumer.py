@@ -144,10 +144,7 @@ class Consumer:
             self.acker,
         )
         self._dispatcher = asyncio.create_task(self._batcher.run())
-        # aio-pika types the callback as async, and calls a plain one as well.
-        self._consumer_tag = await topology.proposals_queue.consume(
-            self._on_delivery,  # type: ignore[arg-type]
-        )
+        self._consumer_tag = await topology.proposals_queue.consume(self._on_delivery)
         log.info(
             "consuming %s (prefetch %d, %d batches of up to %d at once)",
             self.settings.proposals_queue,
@@ -191,8 +188,7 @@ class Consumer:
         drain that timed out waited for."""
         return describe_tasks(self._batcher.in_flight)
 
-    def _on_delivery(self, message: AbstractIncomingMessage) -> None:
-        # Plain, not async: aio-pika then calls it from the loop without a task of its own.
+    async def _on_delivery(self, message: AbstractIncomingMessage) -> None:
         self._unsettled += 1
         self.acker.delivered(message)
         self.metrics.in_flight.inc()

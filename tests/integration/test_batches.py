@@ -88,8 +88,8 @@ async def worker_taking_one_batch(
     delivered = asyncio.Event()
     on_delivery, dispatch = Consumer._on_delivery, Batcher.run
 
-    def count_delivery(self: Consumer, message: AbstractIncomingMessage) -> None:
-        on_delivery(self, message)
+    async def count_delivery(self: Consumer, message: AbstractIncomingMessage) -> None:
+        await on_delivery(self, message)
         if self.unsettled >= deliveries:
             delivered.set()
 
