@@ -199,3 +199,26 @@ async def test_each_publish_gets_its_own_confirm_whichever_path_it_took(
         assert held == [number for number, ok in enumerate(confirmed) if ok]
     finally:
         await connection.close()
+
+
+async def test_a_body_larger_than_a_frame_arrives_whole(settings: Settings) -> None:
+    """A body past the negotiated frame size leaves in several body frames (the direct
+    path splits it as aiormq does) and the broker delivers it whole."""
+    connection = await aio_pika.connect_robust(
+        settings.amqp_url, connection_class=ClosingRobustConnection
+    )
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        queue = await channel.declare_queue(exclusive=True)
+        underlay = await channel.get_underlay_channel()
+        assert isinstance(underlay, aiormq.Channel)
+        body = bytes(range(256)) * (3 * underlay.max_content_size // 256 + 7)
+        assert len(body) > 3 * underlay.max_content_size
+        await ConfirmingChannels([channel]).publish(
+            "", body, spec.Basic.Properties(delivery_mode=PERSISTENT, message_id="big"), queue.name
+        )
+        [message] = await _empty(queue)
+        assert message.body == body
+        assert message.message_id == "big"
+    finally:
+        await connection.close()
