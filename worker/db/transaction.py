@@ -58,13 +58,10 @@ class HeldConnections:
             return self._idle.pop()
         conn = await self.engine.connect()
         try:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
+            return conn, await _autocommit_driver(conn)
         except BaseException:
             await conn.close()
             raise
-        return conn, driver
 
     async def give_back(self, conn: AsyncConnection, driver: Connection) -> None:
         reusable = not (conn.invalidated or driver.is_closed() or driver.is_in_transaction())
@@ -97,9 +94,7 @@ async def store_transaction(
     try:
         if held is None:
             async with engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None
+                driver = await _autocommit_driver(conn)
                 async with _transaction(conn, driver, generic_plans) as store:
                     yield store
         else:
@@ -114,6 +109,15 @@ async def store_transaction(
         if error is None or error is exc:
             raise
         raise error from exc
+
+
+async def _autocommit_driver(conn: AsyncConnection) -> Connection:
+    """The pooled connection in SQLAlchemy's autocommit mode (so the transaction is
+    asyncpg's, see above), and its asyncpg connection."""
+    await conn.execution_options(isolation_level="AUTOCOMMIT")
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(driver, Connection)
+    return driver
 
 
 @contextlib.asynccontextmanager
